@@ -144,6 +144,8 @@ class Config:
     """Encoder and heads."""
     output_dir: str = "runs/default"
     """Run directory: TensorBoard events, config, label maps, metrics, final model."""
+    overwrite: bool = False
+    """Reuse an output directory that holds a run with a different config."""
     epochs: int = 3
     """Passes over the train split."""
     max_steps: int = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -43,9 +44,27 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         D.shutdown()
 
 
+RUN_ARTIFACTS = ("metrics.jsonl", "labels.json", "tensorboard", "reports", "model")
+
+
 def prepare_output_dir(cfg: Config, world: World) -> Path:
-    """Create the run directory and save the resolved config (rank 0 writes)."""
+    """Create the run directory and save the resolved config (rank 0 writes).
+
+    A directory holding a run with a different config is refused unless ``overwrite``;
+    a rerun of the same config starts over, so old events never mix with new ones.
+    """
     out = resolve_output_dir(cfg)
+    previous = out / "config.json"
+    if previous.is_file() and not cfg.overwrite:
+        old = json.loads(previous.read_text())
+        old.pop("overwrite", None)
+        new = {k: v for k, v in cfg.to_dict().items() if k != "overwrite"}
+        if old != new:
+            changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
+            raise ConfigError("output_dir", str(out),
+                              "choose a new --output_dir, or pass --overwrite true to "
+                              "replace that run", f"holds a run with another config "
+                              f"(differs in: {', '.join(changed)})")
     if world.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -55,9 +74,13 @@ def prepare_output_dir(cfg: Config, world: World) -> Path:
         except OSError as exc:
             raise ConfigError("output_dir", str(out), "choose a directory you can write to",
                               f"not writable ({exc.strerror})") from None
-        for stale in ("metrics.jsonl",):
-            (out / stale).unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        for name in RUN_ARTIFACTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        previous.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     D.barrier()
     return out
 

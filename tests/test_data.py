@@ -128,3 +128,18 @@ def test_builtin_default_data_is_packaged():
     raw = load_raw(DataConfig())
     assert {k: v.num_rows for k, v in raw.items()} == {
         "train": 2400, "validation": 300, "test": 300}
+
+
+def test_sentence_pairs_get_two_segments(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    rows = make_rows(4, 0)
+    for row in rows:
+        row["context"] = "what happened before"
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = Config(tasks=[TaskConfig("topic")],
+                 data=DataConfig(dataset=str(tmp_path), text_pair_column="context"))
+    raw = load_raw(cfg.data)
+    data = tokenize(raw, AutoTokenizer.from_pretrained(tiny_model_dir), cfg,
+                    build_label_maps(raw["train"], cfg.tasks))
+    assert 1 in data.splits["train"][0]["token_type_ids"]

@@ -82,3 +82,42 @@ def test_exported_model_reproduces_test_predictions(finished_run, tiny_data_dir)
     reported = read_metrics(out)[-1]["topic/accuracy"]
     # bf16 autocast during training eval vs fp32 here: allow one flipped example.
     assert abs(accuracy - reported) <= 1 / 20 + 1e-9
+
+
+def test_output_dir_with_another_run_is_refused(finished_run, tiny_model_dir, tiny_data_dir):
+    out, _ = finished_run
+    result = run_module(tiny_args(tiny_model_dir, tiny_data_dir, out, "--epochs", "1"))
+    assert result.returncode == 2
+    assert "output_dir" in result.stderr and "--overwrite" in result.stderr
+    assert "epochs" in result.stderr  # says what differs
+
+
+def test_one_task(tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "one"
+    args = tiny_args(tiny_model_dir, tiny_data_dir, out, "--tasks", "mood", "--max_steps", "3")
+    result = run_module(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(read_metrics(out)[-1]) >= {"mood/accuracy", "mood/f1_macro"}
+    assert "topic/accuracy" not in read_metrics(out)[-1]
+
+
+def test_three_tasks_on_dailydialog(tmp_path, tiny_model_dir):
+    from tests.conftest import SHARED_DATA
+
+    source = SHARED_DATA / "dailydialog"
+    if not source.is_dir():
+        pytest.skip(f"{source} not present (it ships with the project's shared data only)")
+    data = tmp_path / "dd"
+    data.mkdir()
+    # Every n-th line: the files are ordered by dialogue, and topics come in runs.
+    for split, stride in (("train", 29), ("validation", 80), ("test", 150)):
+        lines = (source / f"{split}.jsonl").read_text().splitlines()[::stride]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    args = tiny_args(tiny_model_dir, data, out, "--tasks", "act,emotion,topic",
+                     "--max_steps", "4", "--global_batch_size", "16")
+    result = run_module(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = read_metrics(out)[-1]
+    assert last["split"] == "test"
+    assert all(f"{t}/f1_macro" in last for t in ("act", "emotion", "topic"))
