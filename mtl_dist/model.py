@@ -126,10 +126,12 @@ def build_model(cfg: ModelConfig, label_maps: dict[str, list[str]]) -> MultiTask
 
 
 def export_model(state_dict: dict[str, torch.Tensor], model: MultiTaskModel, tokenizer: Any,
-                 label_maps: dict[str, list[str]], out_dir: Path) -> None:
+                 label_maps: dict[str, list[str]], out_dir: Path,
+                 inputs: dict[str, Any] | None = None) -> None:
     """Write encoder (HF format), heads (safetensors), tokenizer and task description.
 
-    ``state_dict`` holds the full weights (gathered by the caller under ZeRO-3).
+    ``state_dict`` holds the full weights (gathered by the caller under ZeRO-3);
+    ``inputs`` describes how text was fed in training (columns, max_length).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder_state = {k[len("encoder."):]: v.float().contiguous()
@@ -139,14 +141,17 @@ def export_model(state_dict: dict[str, torch.Tensor], model: MultiTaskModel, tok
     model.encoder.save_pretrained(out_dir, state_dict=encoder_state)
     save_file(heads, str(out_dir / HEADS_FILE))
     tokenizer.save_pretrained(out_dir)
-    meta = {"pooling": model.pooling, "tasks": [
+    meta = {"pooling": model.pooling, "inputs": inputs or {}, "tasks": [
         {"name": t, "labels": label_maps[t]} for t in model.task_names]}
     (out_dir / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_exported(model_dir: str | Path, device: str = "cpu") -> tuple[MultiTaskModel, Any,
                                                                        dict[str, list[str]]]:
-    """Load an exported directory: model, tokenizer and label maps (no DeepSpeed needed)."""
+    """Load an exported directory: model, tokenizer and label maps (no DeepSpeed needed).
+
+    The model's ``inputs`` attribute holds the training-time input description.
+    """
     from transformers import AutoModel, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -162,5 +167,6 @@ def load_exported(model_dir: str | Path, device: str = "cpu") -> tuple[MultiTask
                            meta["pooling"], head_dropout=0.0)
     heads = load_file(str(model_dir / HEADS_FILE))
     model.heads.load_state_dict({k[len("heads."):]: v for k, v in heads.items()})
+    model.inputs = meta.get("inputs", {})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model.to(device).eval(), tokenizer, label_maps

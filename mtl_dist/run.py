@@ -128,10 +128,15 @@ def log_startup(cfg: Config, world: World, engine: Engine, plan: BatchPlan,
         logger.info(line)
 
 
-def export_final(engine: Engine, tokenizer: Any, data: TokenizedData, out: Path) -> None:
+def export_final(cfg: Config, engine: Engine, tokenizer: Any, data: TokenizedData,
+                 out: Path) -> None:
     """Write the final model as a plain Hugging Face directory (rank 0, full weights)."""
     state = engine.full_state_dict()  # a collective under ZeRO-3: every rank calls it
     if state is not None:
-        export_model(state, engine.module, tokenizer, data.label_maps, out / "model")
+        inputs = {"text_column": cfg.data.text_column,
+                  "text_pair_column": cfg.data.text_pair_column,
+                  "max_length": cfg.data.max_length}
+        export_model(state, engine.module, tokenizer, data.label_maps, out / "model",
+                     inputs)
         logger.info(f"model exported to {out / 'model'}")
     D.barrier()

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     # Test once at the end, then export a plain Hugging Face model.
     if "test" in data.splits:
         trainer.evaluate("test")
-    export_final(engine, tokenizer, data, out)
+    export_final(cfg, engine, tokenizer, data, out)
     recorder.close()
     return 0
 

@@ -121,3 +121,37 @@ def test_three_tasks_on_dailydialog(tmp_path, tiny_model_dir):
     last = read_metrics(out)[-1]
     assert last["split"] == "test"
     assert all(f"{t}/f1_macro" in last for t in ("act", "emotion", "topic"))
+
+
+def test_predict_cli_reads_stdin_and_writes_jsonl(finished_run, tmp_path):
+    import subprocess
+    import sys
+
+    out, _ = finished_run
+    result = subprocess.run(
+        [sys.executable, "-m", "mtl_dist.predict", "--model", str(out / "model")],
+        input="the match was great\n\nmy laptop battery is awful\n", capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["text"] for r in records] == ["the match was great",
+                                            "my laptop battery is awful"]
+    for r in records:
+        assert r["topic"]["label"] in ("food", "sport", "tech")
+        assert 0.0 < r["mood"]["probability"] <= 1.0
+
+
+def test_evaluate_cli_matches_the_run_and_writes_json(finished_run, tiny_data_dir, tmp_path):
+    out, _ = finished_run
+    report_path = tmp_path / "report.json"
+    result = run_module(["--model", str(out / "model"), "--data",
+                         str(tiny_data_dir / "test.jsonl"), "--output", str(report_path)],
+                        module="mtl_dist.evaluate")
+    assert result.returncode == 0, result.stderr
+    assert "confusion matrix" in result.stdout and "macro-F1" in result.stdout
+    report = json.loads(report_path.read_text())
+    run_test = read_metrics(out)[-1]
+    for task in ("topic", "mood"):
+        assert report[task]["support"] == 20
+        # bf16 autocast in the run's evaluation, fp32 here: allow one flipped example.
+        assert abs(report[task]["accuracy"] - run_test[f"{task}/accuracy"]) <= 0.05 + 1e-9
