@@ -63,6 +63,9 @@ def init_world(device: str = "auto", deepspeed: bool = False) -> World:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # DeepSpeed picks its device by probing at import; name ours so that
+        # --device cpu on a GPU machine stays on the CPU (and the probe's warning goes).
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
         import deepspeed as ds
 
         ds.init_distributed(dist_backend=backend)
