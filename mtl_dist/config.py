@@ -24,10 +24,16 @@ import yaml
 
 from mtl_dist.errors import ConfigError
 
-DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
-                   ".parquet": "parquet"}
+DATA_EXTENSIONS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+}
 PRECISIONS = ("bf16", "fp16", "fp32")
 POOLINGS = ("mean", "cls")
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 @dataclass
@@ -45,17 +51,23 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            raise ConfigError("tasks[].name", self.name, "give every task a non-empty name")
+            raise ConfigError(
+                "tasks[].name", self.name, "give every task a non-empty name"
+            )
         if self.label_column is None:
             self.label_column = self.name
         if self.weight < 0:
-            raise ConfigError(f"tasks.{self.name}.weight", self.weight,
-                              "use a loss weight >= 0")
+            raise ConfigError(
+                f"tasks.{self.name}.weight", self.weight, "use a loss weight >= 0"
+            )
         if self.labels is not None:
             self.labels = [str(x) for x in self.labels]
             if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
-                raise ConfigError(f"tasks.{self.name}.labels", self.labels,
-                                  "list at least two distinct labels")
+                raise ConfigError(
+                    f"tasks.{self.name}.labels",
+                    self.labels,
+                    "list at least two distinct labels",
+                )
 
 
 def default_tasks() -> list[TaskConfig]:
@@ -85,18 +97,36 @@ class DataConfig:
     """Truncate inputs to this many tokens."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process)."""
+    group_by_length: bool = True
+    """Put rows of similar length in the same global batch, so batches pad little (the
+    batches and their order stay random; see `length_group_size`). `false` draws each
+    global batch as a plain slice of the epoch's permutation."""
+    length_group_size: int = 64
+    """With `group_by_length`: how many global batches' worth of randomly drawn rows are
+    sorted by length together. Larger pads less but makes a batch's rows less random."""
 
     def __post_init__(self) -> None:
         for key in ("train_file", "validation_file", "test_file"):
             path = getattr(self, key)
             if path is not None and Path(path).suffix.lower() not in DATA_EXTENSIONS:
-                raise ConfigError(f"data.{key}", path,
-                                  f"use one of {', '.join(DATA_EXTENSIONS)}",
-                                  "unknown file format")
+                raise ConfigError(
+                    f"data.{key}",
+                    path,
+                    f"use one of {', '.join(DATA_EXTENSIONS)}",
+                    "unknown file format",
+                )
         if self.max_length < 8:
-            raise ConfigError("data.max_length", self.max_length, "use at least 8 tokens")
+            raise ConfigError(
+                "data.max_length", self.max_length, "use at least 8 tokens"
+            )
         if self.num_workers < 0:
             raise ConfigError("data.num_workers", self.num_workers, "use 0 or more")
+        if self.length_group_size < 1:
+            raise ConfigError(
+                "data.length_group_size",
+                self.length_group_size,
+                "use 1 or more global batches",
+            )
 
 
 @dataclass
@@ -179,21 +209,52 @@ class Config:
     """DeepSpeed JSON config (e.g. ds_configs/zero2.json); None = plain DDP."""
     device: str = "auto"
     """`auto` (GPU of this local rank if there is one, else CPU), `cpu` or `cuda`."""
+    compile: bool = False
+    """Compile the encoder with `torch.compile` (dynamic shapes). It costs start-up time
+    (minutes on a small CPU) and pays only where the compiled kernels beat eager ones
+    by more: measure with `python -m mtl_dist.bench` before turning it on."""
     log_every: int = 10
     """Log a line and TensorBoard scalars every this many steps."""
+    nonfinite_loss: str = "skip"
+    """When a step's loss is NaN or infinite on any rank: `skip` that step's update on
+    every rank (a warning names the step, task and rank), or `stop` the run on every rank
+    (exit status 3)."""
+    time_limit_minutes: float = 0.0
+    """Stop training after the step during which this many minutes of training have
+    passed (0 = no limit); rank 0's clock decides for every rank. The test split is then
+    evaluated and the model exported as usual, so leave time for those."""
     progress_bar: str = "auto"
     """Show a progress bar: `auto` (when stderr is a terminal), `true` or `false`."""
+    resume: str | None = None
+    """`auto` (the newest complete checkpoint in output_dir; start fresh if none) or the
+    path of a checkpoint directory to continue from; None = start fresh."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps (0 = only at epoch ends)."""
+    checkpoint_at_epoch_end: bool = True
+    """Save a checkpoint after each epoch's validation."""
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints; the best one is kept besides."""
+    best_metric: str = "mean_f1_macro"
+    """Validation metric that picks the best checkpoint: `mean_f1_macro`,
+    `mean_accuracy`, `loss` (lower is better), or `<task>/accuracy`, `<task>/f1_macro`."""
+    early_stopping_patience: int = 0
+    """Stop after this many validations without a better best_metric (0 = never)."""
+    load_best_at_end: bool = True
+    """Before the test evaluation and the export, go back to the best checkpoint."""
 
     def __post_init__(self) -> None:
-        self.tasks = [t if isinstance(t, TaskConfig) else _build(TaskConfig, t, "tasks")
-                      for t in self.tasks]
+        self.tasks = [
+            t if isinstance(t, TaskConfig) else _build(TaskConfig, t, "tasks")
+            for t in self.tasks
+        ]
         if not self.tasks:
             raise ConfigError("tasks", [], "configure at least one task")
         names = [t.name for t in self.tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ConfigError("tasks", dupes, "give every task a unique name",
-                              "duplicate task names")
+            raise ConfigError(
+                "tasks", dupes, "give every task a unique name", "duplicate task names"
+            )
         positive = ("epochs", "global_batch_size", "eval_batch_size", "log_every")
         for key in positive:
             if getattr(self, key) <= 0:
@@ -203,19 +264,62 @@ class Config:
                 raise ConfigError(key, getattr(self, key), "use a value >= 0")
         for key in ("lr", "head_lr"):
             if not 0 < getattr(self, key) < 1:
-                raise ConfigError(key, getattr(self, key), "use a learning rate in (0, 1)")
+                raise ConfigError(
+                    key, getattr(self, key), "use a learning rate in (0, 1)"
+                )
         if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError("warmup_ratio", self.warmup_ratio, "use a value in [0, 1)")
+            raise ConfigError(
+                "warmup_ratio", self.warmup_ratio, "use a value in [0, 1)"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", self.precision, f"use one of {PRECISIONS}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device", self.device, "use auto, cpu or cuda")
+        if self.nonfinite_loss not in NONFINITE_POLICIES:
+            raise ConfigError(
+                "nonfinite_loss",
+                self.nonfinite_loss,
+                f"use one of {NONFINITE_POLICIES}",
+            )
+        if not self.time_limit_minutes >= 0:  # also refuses NaN
+            raise ConfigError(
+                "time_limit_minutes",
+                self.time_limit_minutes,
+                "use a number of minutes >= 0 (0 = no limit)",
+            )
+        for key in ("checkpoint_every", "early_stopping_patience"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, getattr(self, key), "use a value >= 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(
+                "keep_checkpoints",
+                self.keep_checkpoints,
+                "keep at least 1 (resume needs one)",
+            )
+        task_names = {t.name for t in self.tasks}
+        metric_task, _, metric_kind = self.best_metric.partition("/")
+        if not (
+            self.best_metric in ("mean_f1_macro", "mean_accuracy", "loss")
+            or (metric_task in task_names and metric_kind in ("accuracy", "f1_macro"))
+        ):
+            raise ConfigError(
+                "best_metric",
+                self.best_metric,
+                "use mean_f1_macro, mean_accuracy, loss, or "
+                f"<task>/accuracy or <task>/f1_macro with a task of "
+                f"{sorted(task_names)}",
+            )
         if self.progress_bar not in ("auto", "true", "false"):
-            raise ConfigError("progress_bar", self.progress_bar, "use auto, true or false")
+            raise ConfigError(
+                "progress_bar", self.progress_bar, "use auto, true or false"
+            )
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            raise ConfigError("deepspeed", self.deepspeed,
-                              "give the path of a DeepSpeed JSON file, e.g. "
-                              "ds_configs/zero2.json", "file not found")
+            raise ConfigError(
+                "deepspeed",
+                self.deepspeed,
+                "give the path of a DeepSpeed JSON file, e.g. ds_configs/zero2.json",
+                "file not found",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -237,16 +341,25 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     for key, value in values.items():
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            fix = f"did you mean {close[0]!r}?" if close else f"known keys: {sorted(known)}"
+            fix = (
+                f"did you mean {close[0]!r}?"
+                if close
+                else f"known keys: {sorted(known)}"
+            )
             raise ConfigError(f"{prefix}.{key}".lstrip("."), value, fix, "unknown key")
         sub = _dataclass_of(hints[key])
         kwargs[key] = _build(sub, value, f"{prefix}.{key}") if sub else value
-    missing = [f.name for f in known.values() if f.name not in kwargs
-               and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in known.values()
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
-        raise ConfigError(f"{prefix}.{missing[0]}".lstrip("."), None, "set this field",
-                          "required")
+        raise ConfigError(
+            f"{prefix}.{missing[0]}".lstrip("."), None, "set this field", "required"
+        )
     return cls(**kwargs)
 
 
@@ -262,13 +375,15 @@ def load_config_file(path: str) -> dict[str, Any]:
     """Read a YAML or JSON config file into a plain dict."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError("--config", path, "give the path of an existing YAML file",
-                          "file not found")
+        raise ConfigError(
+            "--config", path, "give the path of an existing YAML file", "file not found"
+        )
     try:
         values = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError("--config", path, f"fix the YAML syntax ({exc})",
-                          "not valid YAML") from None
+        raise ConfigError(
+            "--config", path, f"fix the YAML syntax ({exc})", "not valid YAML"
+        ) from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -287,8 +402,12 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
@@ -341,18 +460,23 @@ def _parse_tasks(text: str) -> list[dict[str, Any]]:
     return tasks
 
 
-def _add_fields(parser: argparse._ArgumentGroup, cls: type, defaults: Any,
-                prefix: str) -> None:
+def _add_fields(
+    parser: argparse._ArgumentGroup, cls: type, defaults: Any, prefix: str
+) -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]) or f.name == "tasks":
             continue
         default = getattr(defaults, f.name)
-        parser.add_argument(f"--{prefix}{f.name}", dest=f"{prefix}{f.name}",
-                            type=_parser_for(hints[f.name]), default=argparse.SUPPRESS,
-                            metavar=_metavar(hints[f.name]),
-                            help=f"{docs.get(f.name, '')} (default: {default})")
+        parser.add_argument(
+            f"--{prefix}{f.name}",
+            dest=f"{prefix}{f.name}",
+            type=_parser_for(hints[f.name]),
+            default=argparse.SUPPRESS,
+            metavar=_metavar(hints[f.name]),
+            help=f"{docs.get(f.name, '')} (default: {default})",
+        )
 
 
 def _metavar(hint: Any) -> str:
@@ -367,17 +491,28 @@ def build_arg_parser(prog: str = "python -m mtl_dist.train") -> argparse.Argumen
         description="Train one shared encoder on several classification tasks. Values "
         "come from the defaults, then --config, then the flags given here.",
     )
-    parser.add_argument("--config", help="YAML (or JSON) file with any of the fields below")
-    parser.add_argument("--debug", action="store_true",
-                        help="show full tracebacks for configuration errors")
+    parser.add_argument(
+        "--config", help="YAML (or JSON) file with any of the fields below"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show full tracebacks for configuration errors",
+    )
     defaults = Config()
     top = parser.add_argument_group("training")
-    top.add_argument("--tasks", type=_parse_tasks, default=argparse.SUPPRESS,
-                     metavar="TASKS", help=f"{field_docs(Config)['tasks']} "
-                     "(default: domain,sentiment)")
+    top.add_argument(
+        "--tasks",
+        type=_parse_tasks,
+        default=argparse.SUPPRESS,
+        metavar="TASKS",
+        help=f"{field_docs(Config)['tasks']} (default: domain,sentiment)",
+    )
     _add_fields(top, Config, defaults, "")
     _add_fields(parser.add_argument_group("data"), DataConfig, defaults.data, "data.")
-    _add_fields(parser.add_argument_group("model"), ModelConfig, defaults.model, "model.")
+    _add_fields(
+        parser.add_argument_group("model"), ModelConfig, defaults.model, "model."
+    )
     return parser
 
 

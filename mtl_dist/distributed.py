@@ -68,11 +68,35 @@ def init_world(device: str = "auto", deepspeed: bool = False) -> World:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
         import deepspeed as ds
 
+        # DeepSpeed adopts a torch group that already exists, so a restarted worker
+        # gets the same fresh rendezvous keys as under DDP.
+        if world_size > 1:
+            _init_process_group(backend, dev if use_cuda else None)
         ds.init_distributed(dist_backend=backend)
-    elif world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend,
-                                device_id=dev if use_cuda else None)
+    elif world_size > 1:
+        _init_process_group(backend, dev if use_cuda else None)
     return World(rank, local_rank, world_size, dev)
+
+
+def _init_process_group(backend: str, device_id: torch.device | None) -> None:
+    if dist.is_initialized():
+        return
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend=backend, device_id=device_id)
+        return
+    # Workers that torchrun restarts (--max-restarts) meet in the agent's store again,
+    # and with the static rendezvous it still holds the keys of the previous attempt:
+    # the new ranks read the dead ranks' addresses and fail to connect (seen with gloo
+    # in torch 2.13). A prefix per attempt gives every attempt keys of its own.
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    dist.init_process_group(
+        backend=backend,
+        store=dist.PrefixStore(f"mtl_dist/attempt_{restart}", store),
+        rank=rank,
+        world_size=world_size,
+        device_id=device_id,
+    )
 
 
 def _free_port() -> int:
@@ -103,7 +127,9 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     """Collect one picklable object per rank on rank 0; other ranks get None."""
     if not active():
         return [obj]
-    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    out: list[Any] | None = (
+        [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    )
     dist.gather_object(obj, out, dst=0)
     return out
 

@@ -23,11 +23,16 @@ def read_ds_json(path: str) -> dict[str, Any]:
     try:
         values = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConfigError("deepspeed", path,
-                          f"fix the JSON at line {exc.lineno}, column {exc.colno} "
-                          f"({exc.msg})", "malformed JSON") from None
+        raise ConfigError(
+            "deepspeed",
+            path,
+            f"fix the JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})",
+            "malformed JSON",
+        ) from None
     if not isinstance(values, dict):
-        raise ConfigError("deepspeed", path, "write the DeepSpeed config as a JSON object")
+        raise ConfigError(
+            "deepspeed", path, "write the DeepSpeed config as a JSON object"
+        )
     return values
 
 
@@ -37,8 +42,9 @@ def offloads_optimizer(ds: dict[str, Any]) -> bool:
     return isinstance(offload, dict) and offload.get("device") not in (None, "none")
 
 
-def resolve_ds_config(path: str, cfg: Config, micro_batch_size: int, accumulation: int,
-                      on_cpu: bool) -> dict[str, Any]:
+def resolve_ds_config(
+    path: str, cfg: Config, micro_batch_size: int, accumulation: int, on_cpu: bool
+) -> dict[str, Any]:
     """The DeepSpeed config to hand to ``deepspeed.initialize``, with no ``"auto"`` left."""
     ds = copy.deepcopy(read_ds_json(path))
     errors: list[ConfigError] = []
@@ -47,52 +53,105 @@ def resolve_ds_config(path: str, cfg: Config, micro_batch_size: int, accumulatio
         value = parent.setdefault(key, {})
         if isinstance(value, dict):
             return value
-        errors.append(ConfigError(dotted, value, "write it as a JSON object {...}",
-                                  "not a section"))
+        errors.append(
+            ConfigError(
+                dotted, value, "write it as a JSON object {...}", "not a section"
+            )
+        )
         return {}  # keep checking the rest; the error above is raised at the end
 
-    def fill(where: dict[str, Any], key: str, value: Any, dotted: str,
-             owner: str) -> None:
+    def fill(
+        where: dict[str, Any], key: str, value: Any, dotted: str, owner: str
+    ) -> None:
         current = where.get(key, AUTO)
         if current == AUTO:
             where[key] = value
         elif current != value:
-            errors.append(ConfigError(
-                dotted, current, f"set it to \"auto\" (or {value!r}) and change {owner} in "
-                "the training config instead", f"contradicts {owner}={value!r}"))
+            errors.append(
+                ConfigError(
+                    dotted,
+                    current,
+                    f'set it to "auto" (or {value!r}) and change {owner} in '
+                    "the training config instead",
+                    f"contradicts {owner}={value!r}",
+                )
+            )
 
-    fill(ds, "train_micro_batch_size_per_gpu", micro_batch_size,
-         "train_micro_batch_size_per_gpu", "micro_batch_size")
-    fill(ds, "gradient_accumulation_steps", accumulation, "gradient_accumulation_steps",
-         "global_batch_size / (micro_batch_size x world_size)")
-    fill(ds, "train_batch_size", cfg.global_batch_size, "train_batch_size",
-         "global_batch_size")
-    fill(ds, "gradient_clipping", cfg.max_grad_norm, "gradient_clipping", "max_grad_norm")
+    fill(
+        ds,
+        "train_micro_batch_size_per_gpu",
+        micro_batch_size,
+        "train_micro_batch_size_per_gpu",
+        "micro_batch_size",
+    )
+    fill(
+        ds,
+        "gradient_accumulation_steps",
+        accumulation,
+        "gradient_accumulation_steps",
+        "global_batch_size / (micro_batch_size x world_size)",
+    )
+    fill(
+        ds,
+        "train_batch_size",
+        cfg.global_batch_size,
+        "train_batch_size",
+        "global_batch_size",
+    )
+    fill(
+        ds, "gradient_clipping", cfg.max_grad_norm, "gradient_clipping", "max_grad_norm"
+    )
     for name in ("bf16", "fp16"):
-        fill(section(ds, name, name), "enabled", cfg.precision == name,
-             f"{name}.enabled", "precision")
+        fill(
+            section(ds, name, name),
+            "enabled",
+            cfg.precision == name,
+            f"{name}.enabled",
+            "precision",
+        )
 
     zero = section(ds, "zero_optimization", "zero_optimization")
     stage = zero.setdefault("stage", 0)
     if isinstance(stage, bool) or stage not in STAGES:
-        errors.append(ConfigError("zero_optimization.stage", stage,
-                                  f"use one of {STAGES}", "no such ZeRO stage"))
+        errors.append(
+            ConfigError(
+                "zero_optimization.stage",
+                stage,
+                f"use one of {STAGES}",
+                "no such ZeRO stage",
+            )
+        )
     if "scheduler" in ds:
-        errors.append(ConfigError("scheduler", ds["scheduler"],
-                                  "remove the scheduler section: warmup_ratio and the "
-                                  "linear decay come from the training config",
-                                  "the training config owns the LR schedule"))
+        errors.append(
+            ConfigError(
+                "scheduler",
+                ds["scheduler"],
+                "remove the scheduler section: warmup_ratio and the "
+                "linear decay come from the training config",
+                "the training config owns the LR schedule",
+            )
+        )
     optimizer = section(ds, "optimizer", "optimizer")
     optimizer.setdefault("type", "AdamW")
     if str(optimizer["type"]).lower() != "adamw":
-        errors.append(ConfigError("optimizer.type", optimizer["type"],
-                                  "use \"AdamW\" (the toolkit's optimizer)"))
+        errors.append(
+            ConfigError(
+                "optimizer.type",
+                optimizer["type"],
+                'use "AdamW" (the toolkit\'s optimizer)',
+            )
+        )
     params = section(optimizer, "params", "optimizer.params")
     fill(params, "lr", cfg.lr, "optimizer.params.lr", "lr")
     fill(params, "betas", list(cfg.adam_betas), "optimizer.params.betas", "adam_betas")
     fill(params, "eps", cfg.adam_eps, "optimizer.params.eps", "adam_eps")
-    fill(params, "weight_decay", cfg.weight_decay, "optimizer.params.weight_decay",
-         "weight_decay")
+    fill(
+        params,
+        "weight_decay",
+        cfg.weight_decay,
+        "optimizer.params.weight_decay",
+        "weight_decay",
+    )
     # On the CPU, torch's AdamW spares compiling DeepSpeed's fused GPU kernel. An
     # offloaded optimizer steps on the CPU anyway, with DeepSpeed's CPU Adam, the
     # vectorised kernel made for it (compiled once into ~/.cache/torch_extensions).
@@ -104,13 +163,20 @@ def resolve_ds_config(path: str, cfg: Config, micro_batch_size: int, accumulatio
     reported = {e.key for e in errors}
     for dotted in _autos(ds):
         if dotted not in reported:
-            errors.append(ConfigError(dotted, AUTO, "write a value: only batch sizes, "
-                                      "gradient_clipping, bf16/fp16.enabled and "
-                                      "optimizer.params can be \"auto\"",
-                                      "nothing in the training config to fill it from"))
+            errors.append(
+                ConfigError(
+                    dotted,
+                    AUTO,
+                    "write a value: only batch sizes, "
+                    "gradient_clipping, bf16/fp16.enabled and "
+                    'optimizer.params can be "auto"',
+                    "nothing in the training config to fill it from",
+                )
+            )
     if errors:
-        raise ConfigErrors(errors, f"DeepSpeed config {path} does not fit the training "
-                           "config")
+        raise ConfigErrors(
+            errors, f"DeepSpeed config {path} does not fit the training config"
+        )
     ds.setdefault("steps_per_print", 10**9)  # the toolkit logs; keep DeepSpeed quiet
     ds.setdefault("wall_clock_breakdown", False)
     return ds

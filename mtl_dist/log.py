@@ -32,8 +32,11 @@ def setup_logging(rank: int) -> None:
     logger.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RankFilter(rank))
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(rank_prefix)s%(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s %(levelname)s %(rank_prefix)s%(message)s", "%H:%M:%S"
+        )
+    )
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -55,14 +58,24 @@ def setup_logging(rank: int) -> None:
 class RunRecorder:
     """TensorBoard scalars and ``metrics.jsonl`` lines, written on rank 0 only."""
 
-    def __init__(self, output_dir: Path, is_main: bool, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        is_main: bool,
+        tensorboard: bool = True,
+        purge_step: int | None = None,
+    ) -> None:
         self.is_main = is_main
         self.writer = None
         self.metrics_path = output_dir / "metrics.jsonl"
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            # purge_step drops events a killed run logged after the checkpoint it
+            # resumes from, so the curves carry no duplicated steps.
+            self.writer = SummaryWriter(
+                log_dir=str(output_dir / "tensorboard"), purge_step=purge_step
+            )
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -73,6 +86,53 @@ class RunRecorder:
         if self.is_main:
             with self.metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+    def confusion_matrices(
+        self,
+        prefix: str,
+        matrices: dict[str, list[list[int]]],
+        label_maps: dict[str, list[str]],
+        step: int,
+    ) -> None:
+        """One image per task under ``<prefix>/<task>/confusion_matrix``."""
+        if self.writer is None:
+            return
+        # Imported here: only rank 0 with TensorBoard on draws anything.
+        import numpy as np
+        from matplotlib.figure import Figure
+        from sklearn.metrics import ConfusionMatrixDisplay
+
+        for task, matrix in matrices.items():
+            labels = label_maps[task]
+            size = 1.5 + 0.6 * len(labels)
+            figure = Figure(figsize=(size + 1, size))
+            axes = figure.add_subplot()
+            ConfusionMatrixDisplay(np.asarray(matrix), display_labels=labels).plot(
+                ax=axes, colorbar=False, xticks_rotation="vertical"
+            )
+            axes.set_title(f"{task} (step {step})")
+            figure.tight_layout()
+            self.writer.add_figure(f"{prefix}/{task}/confusion_matrix", figure, step)
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop ``metrics.jsonl`` lines of steps after ``after_step`` (a resumed run
+        writes them again)."""
+        if not (self.is_main and self.metrics_path.is_file()):
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [
+            line
+            for line in lines
+            if json.loads(line)["step"] <= after_step
+            and json.loads(line)["split"] != "test"
+        ]
+        self.metrics_path.write_text(
+            "".join(line + "\n" for line in kept), encoding="utf-8"
+        )
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

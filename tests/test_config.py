@@ -42,37 +42,60 @@ def test_every_field_has_a_docstring_and_a_flag():
 
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("epochs: 5\nlr: 3.0e-5\nmodel:\n  pooling: cls\ntasks:\n"
-                    "  - {name: a, label_column: x, weight: 2}\n  - {name: b}\n")
-    cfg, _ = parse_config(["--config", str(path), "--epochs", "7", "--data.max_length", "64",
-                           "--model.freeze_encoder", "true"])
+    path.write_text(
+        "epochs: 5\nlr: 3.0e-5\nmodel:\n  pooling: cls\ntasks:\n"
+        "  - {name: a, label_column: x, weight: 2}\n  - {name: b}\n"
+    )
+    cfg, _ = parse_config(
+        [
+            "--config",
+            str(path),
+            "--epochs",
+            "7",
+            "--data.max_length",
+            "64",
+            "--model.freeze_encoder",
+            "true",
+        ]
+    )
     assert cfg.epochs == 7 and cfg.lr == 3e-5 and cfg.model.pooling == "cls"
     assert cfg.data.max_length == 64 and cfg.model.freeze_encoder is True
     assert [(t.name, t.label_column, t.weight) for t in cfg.tasks] == [
-        ("a", "x", 2.0), ("b", "b", 1.0)]
+        ("a", "x", 2.0),
+        ("b", "b", 1.0),
+    ]
 
 
 def test_tasks_shorthand_and_json_on_the_command_line():
     cfg, _ = parse_config(["--tasks", "act,emo:emotion,topic"])
     assert [(t.name, t.label_column) for t in cfg.tasks] == [
-        ("act", "act"), ("emo", "emotion"), ("topic", "topic")]
+        ("act", "act"),
+        ("emo", "emotion"),
+        ("topic", "topic"),
+    ]
     cfg, _ = parse_config(["--tasks", '[{"name": "a", "labels": ["x", "y"]}]'])
     assert cfg.tasks[0].labels == ["x", "y"]
 
 
-@pytest.mark.parametrize("values,key", [
-    ({"global_batch_size": 0}, "global_batch_size"),
-    ({"global_batch_size": -4}, "global_batch_size"),
-    ({"epochs": 0}, "epochs"),
-    ({"lr": 5}, "lr"),
-    ({"precision": "fp8"}, "precision"),
-    ({"tasks": []}, "tasks"),
-    ({"tasks": [{"name": "a"}, {"name": "a"}]}, "tasks"),
-    ({"data": {"train_file": "x.xlsx"}}, "data.train_file"),
-    ({"model": {"pooling": "max"}}, "model.pooling"),
-    ({"learning_rate": 1e-4}, "learning_rate"),
-    ({"deepspeed": "no/such.json"}, "deepspeed"),
-])
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        ({"global_batch_size": 0}, "global_batch_size"),
+        ({"global_batch_size": -4}, "global_batch_size"),
+        ({"epochs": 0}, "epochs"),
+        ({"lr": 5}, "lr"),
+        ({"precision": "fp8"}, "precision"),
+        ({"tasks": []}, "tasks"),
+        ({"tasks": [{"name": "a"}, {"name": "a"}]}, "tasks"),
+        ({"data": {"train_file": "x.xlsx"}}, "data.train_file"),
+        ({"model": {"pooling": "max"}}, "model.pooling"),
+        ({"data": {"length_group_size": 0}}, "data.length_group_size"),
+        ({"learning_rate": 1e-4}, "learning_rate"),
+        ({"deepspeed": "no/such.json"}, "deepspeed"),
+        ({"nonfinite_loss": "ignore"}, "nonfinite_loss"),
+        ({"time_limit_minutes": -1}, "time_limit_minutes"),
+    ],
+)
 def test_bad_values_name_key_and_fix(values, key):
     with pytest.raises(ConfigError) as err:
         config_from_dict(values)
@@ -91,16 +114,22 @@ def test_task_weight_must_not_be_negative():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra,key", [
-    (["--precision", "fp16"], "precision"),
-    (["--data.text_column", "sentence"], "data.text_column"),
-    (["--tasks", "topic,nope"], "label_column"),
-    (["--global_batch_size", "0"], "global_batch_size"),
-    (["--global_batch_size", "1000"], "global_batch_size"),
-])
-def test_cli_user_mistakes_exit_2_without_traceback(extra, key, tmp_path, tiny_model_dir,
-                                                    tiny_data_dir):
-    result = run_module(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "run") + extra)
+@pytest.mark.parametrize(
+    "extra,key",
+    [
+        (["--precision", "fp16"], "precision"),
+        (["--data.text_column", "sentence"], "data.text_column"),
+        (["--tasks", "topic,nope"], "label_column"),
+        (["--global_batch_size", "0"], "global_batch_size"),
+        (["--global_batch_size", "1000"], "global_batch_size"),
+    ],
+)
+def test_cli_user_mistakes_exit_2_without_traceback(
+    extra, key, tmp_path, tiny_model_dir, tiny_data_dir
+):
+    result = run_module(
+        tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "run") + extra
+    )
     assert result.returncode == 2, result.stderr
     assert key in result.stderr and "Fix:" in result.stderr
     assert "Traceback" not in result.stderr

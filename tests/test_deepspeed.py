@@ -37,8 +37,9 @@ def resolve(tmp_path: Path, values: dict | str, **overrides):
     path = tmp_path / "ds.json"
     path.write_text(values if isinstance(values, str) else json.dumps(values))
     cfg = Config(global_batch_size=16, **overrides)
-    return resolve_ds_config(str(path), cfg, micro_batch_size=4, accumulation=2,
-                             on_cpu=True)
+    return resolve_ds_config(
+        str(path), cfg, micro_batch_size=4, accumulation=2, on_cpu=True
+    )
 
 
 def autos_left(values) -> list:
@@ -52,33 +53,58 @@ def autos_left(values) -> list:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_resolve_with_every_auto_filled(name, tmp_path):
     shipped = json.loads((DS_CONFIGS / f"{name}.json").read_text())
-    ds = resolve(tmp_path, shipped, lr=2e-5, adam_betas=[0.9, 0.98], adam_eps=1e-6,
-                 weight_decay=0.05, max_grad_norm=0.5, precision="bf16")
+    ds = resolve(
+        tmp_path,
+        shipped,
+        lr=2e-5,
+        adam_betas=[0.9, 0.98],
+        adam_eps=1e-6,
+        weight_decay=0.05,
+        max_grad_norm=0.5,
+        precision="bf16",
+    )
     assert autos_left(ds) == []
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
-            ds["gradient_accumulation_steps"]) == (16, 4, 2)
+    assert (
+        ds["train_batch_size"],
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+    ) == (16, 4, 2)
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
-    assert ds["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.98], "eps": 1e-6,
-                                         "weight_decay": 0.05,
-                                         "torch_adam": name != "zero3_offload"}
+    assert ds["optimizer"]["params"] == {
+        "lr": 2e-5,
+        "betas": [0.9, 0.98],
+        "eps": 1e-6,
+        "weight_decay": 0.05,
+        "torch_adam": name != "zero3_offload",
+    }
     assert ds["zero_optimization"]["stage"] == shipped["zero_optimization"]["stage"]
 
 
 def test_repeating_the_training_config_is_not_a_contradiction(tmp_path):
-    ds = resolve(tmp_path, {"train_batch_size": 16, "gradient_clipping": 1.0,
-                            "fp16": {"enabled": False}, "optimizer": {"type": "AdamW"}},
-                 precision="fp32")
+    ds = resolve(
+        tmp_path,
+        {
+            "train_batch_size": 16,
+            "gradient_clipping": 1.0,
+            "fp16": {"enabled": False},
+            "optimizer": {"type": "AdamW"},
+        },
+        precision="fp32",
+    )
     assert ds["bf16"]["enabled"] is False and ds["optimizer"]["params"]["lr"] == 5e-5
 
 
 def test_all_contradictions_come_in_one_error(tmp_path):
     with pytest.raises(ConfigErrors) as caught:
-        resolve(tmp_path, {"train_micro_batch_size_per_gpu": 8,
-                           "gradient_clipping": 5.0})
+        resolve(
+            tmp_path, {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 5.0}
+        )
     assert isinstance(caught.value, ConfigError)  # the CLI prints it and exits with 2
-    assert [e.key for e in caught.value.errors] == ["train_micro_batch_size_per_gpu",
-                                                    "gradient_clipping"]
+    assert [e.key for e in caught.value.errors] == [
+        "train_micro_batch_size_per_gpu",
+        "gradient_clipping",
+    ]
     message = str(caught.value)
     assert "2 problem(s)" in message
     assert "train_micro_batch_size_per_gpu=8: contradicts micro_batch_size=4" in message
@@ -110,8 +136,9 @@ def test_scheduler_section_is_refused(tmp_path):
 
 def test_auto_where_the_training_config_has_no_value_is_refused(tmp_path):
     with pytest.raises(ConfigError) as caught:
-        resolve(tmp_path, {"zero_optimization": {"stage": 2,
-                                                 "reduce_bucket_size": AUTO}})
+        resolve(
+            tmp_path, {"zero_optimization": {"stage": 2, "reduce_bucket_size": AUTO}}
+        )
     assert caught.value.key == "zero_optimization.reduce_bucket_size"
 
 
@@ -125,28 +152,43 @@ def deepspeed():
 
 
 def train(out: Path, model_dir: Path, data_dir: Path, *extra: str, nproc: int = 2):
-    result = run_module(tiny_args(model_dir, data_dir, out, "--progress_bar", "false",
-                                  *extra), nproc=nproc, timeout=400)
+    result = run_module(
+        tiny_args(model_dir, data_dir, out, "--progress_bar", "false", *extra),
+        nproc=nproc,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize(("name", "stage", "extra"), [
-    ("zero2", 2, ()),
-    # ZeRO-3 partitions the weights: evaluation and export must gather them on every
-    # rank, and accumulation must go through DeepSpeed's micro-step count.
-    ("zero3", 3, ("--micro_batch_size", "2")),
-], ids=["zero2-bf16", "zero3-bf16-accumulation"])
-def test_two_process_run_trains_evaluates_and_exports(name, stage, extra, deepspeed,
-                                                      tmp_path, tiny_model_dir,
-                                                      tiny_data_dir):
+@pytest.mark.parametrize(
+    ("name", "stage", "extra"),
+    [
+        ("zero2", 2, ()),
+        # ZeRO-3 partitions the weights: evaluation and export must gather them on every
+        # rank, and accumulation must go through DeepSpeed's micro-step count.
+        ("zero3", 3, ("--micro_batch_size", "2")),
+    ],
+    ids=["zero2-bf16", "zero3-bf16-accumulation"],
+)
+def test_two_process_run_trains_evaluates_and_exports(
+    name, stage, extra, deepspeed, tmp_path, tiny_model_dir, tiny_data_dir
+):
     from mtl_dist.model import load_exported
 
     out = tmp_path / name
-    result = train(out, tiny_model_dir, tiny_data_dir, "--precision", "bf16",
-                   "--deepspeed", str(DS_CONFIGS / f"{name}.json"), *extra)
+    result = train(
+        out,
+        tiny_model_dir,
+        tiny_data_dir,
+        "--precision",
+        "bf16",
+        "--deepspeed",
+        str(DS_CONFIGS / f"{name}.json"),
+        *extra,
+    )
     assert f"DeepSpeed ZeRO stage {stage}" in result.stderr
     assert f"x accumulation {2 if extra else 1} x world size 2" in result.stderr
     assert "step 24/24" in result.stderr
@@ -171,12 +213,27 @@ def logged(out: Path, tag: str) -> dict[int, float]:
 def exported_weights(out: Path) -> dict:
     from safetensors.torch import load_file
 
-    return {f"{f.name}:{k}": v for f in sorted((out / "model").glob("*.safetensors"))
-            for k, v in load_file(str(f)).items()}
+    return {
+        f"{f.name}:{k}": v
+        for f in sorted((out / "model").glob("*.safetensors"))
+        for k, v in load_file(str(f)).items()
+    }
 
 
-FP32 = ("--precision", "fp32", "--model.dropout", "0", "--model.head_dropout", "0",
-        "--max_steps", "4", "--log_every", "1", "--head_lr", "3e-3")
+FP32 = (
+    "--precision",
+    "fp32",
+    "--model.dropout",
+    "0",
+    "--model.head_dropout",
+    "0",
+    "--max_steps",
+    "4",
+    "--log_every",
+    "1",
+    "--head_lr",
+    "3e-3",
+)
 """Deterministic, short, and with a head LR unlike the encoder's (per-group LRs)."""
 
 
@@ -187,18 +244,31 @@ def ddp_fp32(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     return out
 
 
-@pytest.mark.parametrize(("name", "nproc", "extra"), [
-    pytest.param("zero2", 2, (), marks=SLOW, id="zero2"),
-    pytest.param("zero3", 2, ("--micro_batch_size", "2"), marks=SLOW,
-                 id="zero3-accumulation"),
-    # No torchrun at all: DeepSpeed still needs its process group, of one.
-    pytest.param("zero2", 1, (), marks=SLOW, id="zero2-one-process"),
-])
-def test_fp32_deepspeed_logs_the_losses_of_ddp(name, nproc, extra, deepspeed, ddp_fp32,
-                                               tmp_path, tiny_model_dir, tiny_data_dir):
+@pytest.mark.parametrize(
+    ("name", "nproc", "extra"),
+    [
+        pytest.param("zero2", 2, (), marks=SLOW, id="zero2"),
+        pytest.param(
+            "zero3", 2, ("--micro_batch_size", "2"), marks=SLOW, id="zero3-accumulation"
+        ),
+        # No torchrun at all: DeepSpeed still needs its process group, of one.
+        pytest.param("zero2", 1, (), marks=SLOW, id="zero2-one-process"),
+    ],
+)
+def test_fp32_deepspeed_logs_the_losses_of_ddp(
+    name, nproc, extra, deepspeed, ddp_fp32, tmp_path, tiny_model_dir, tiny_data_dir
+):
     out = tmp_path / name
-    train(out, tiny_model_dir, tiny_data_dir, *FP32, "--deepspeed",
-          str(DS_CONFIGS / f"{name}.json"), *extra, nproc=nproc)
+    train(
+        out,
+        tiny_model_dir,
+        tiny_data_dir,
+        *FP32,
+        "--deepspeed",
+        str(DS_CONFIGS / f"{name}.json"),
+        *extra,
+        nproc=nproc,
+    )
     # The trainer hands DeepSpeed each micro-step's share of the global-batch loss times
     # world size x accumulation. A wrong factor scales every gradient: clipping and
     # Adam hide that from the losses, the logged grad norm does not.

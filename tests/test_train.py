@@ -12,16 +12,30 @@ from tests.conftest import read_metrics, run_module, tiny_args
 
 pytestmark = pytest.mark.slow
 
-TRAIN_TAGS = ["train/loss", "train/loss_topic", "train/loss_mood", "train/lr",
-              "train/grad_norm", "train/samples_per_sec"]
-EVAL_TAGS = ["eval/loss", "eval/topic/accuracy", "eval/topic/f1_macro",
-             "eval/mood/accuracy", "eval/mood/f1_macro"]
+TRAIN_TAGS = [
+    "train/loss",
+    "train/loss_topic",
+    "train/loss_mood",
+    "train/lr",
+    "train/grad_norm",
+    "train/samples_per_sec",
+]
+EVAL_TAGS = [
+    "eval/loss",
+    "eval/topic/accuracy",
+    "eval/topic/f1_macro",
+    "eval/mood/accuracy",
+    "eval/mood/f1_macro",
+]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     out = tmp_path_factory.mktemp("run") / "out"
-    result = run_module(tiny_args(tiny_model_dir, tiny_data_dir, out, "--epochs", "3"))
+    result = run_module(
+        # A learning rate high enough that the tiny random model learns in 36 steps.
+        tiny_args(tiny_model_dir, tiny_data_dir, out, "--epochs", "3", "--lr", "1e-2")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stderr
 
@@ -29,12 +43,21 @@ def finished_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
 def test_run_directory_contents(finished_run):
     out, _ = finished_run
     config = json.loads((out / "config.json").read_text())
-    assert config["epochs"] == 3 and [t["name"] for t in config["tasks"]] == ["topic", "mood"]
+    assert config["epochs"] == 3 and [t["name"] for t in config["tasks"]] == [
+        "topic",
+        "mood",
+    ]
     assert json.loads((out / "labels.json").read_text()) == {
-        "topic": ["food", "sport", "tech"], "mood": ["negative", "positive"]}
+        "topic": ["food", "sport", "tech"],
+        "mood": ["negative", "positive"],
+    }
     metrics = read_metrics(out)
     assert [(m["split"], m["epoch"]) for m in metrics] == [
-        ("validation", 1), ("validation", 2), ("validation", 3), ("test", 3)]
+        ("validation", 1),
+        ("validation", 2),
+        ("validation", 3),
+        ("test", 3),
+    ]
     for m in metrics:
         for task in ("topic", "mood"):
             assert 0.0 <= m[f"{task}/accuracy"] <= 1.0 and f"{task}/f1_macro" in m
@@ -60,6 +83,11 @@ def test_tensorboard_tags_read_back(finished_run):
     for tag in EVAL_TAGS:
         assert len(events.Scalars(tag)) == 3, tag  # one value per epoch
     assert [e.step for e in events.Scalars("eval/loss")] == [12, 24, 36]
+    # Confusion matrices as images: one per task per evaluation, test at the end.
+    images = set(events.Tags()["images"])
+    for task in ("topic", "mood"):
+        assert len(events.Images(f"eval/{task}/confusion_matrix")) == 3
+        assert f"test/{task}/confusion_matrix" in images
 
 
 def test_it_learns(finished_run):
@@ -67,24 +95,32 @@ def test_it_learns(finished_run):
     test = read_metrics(out)[-1]
     # The tiny data's words give the labels away; chance is 0.33 and 0.5.
     assert test["topic/accuracy"] > 0.6 and test["mood/accuracy"] > 0.7, test
+    losses = [m["loss"] for m in read_metrics(out) if m["split"] == "validation"]
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_exported_model_reproduces_test_predictions(finished_run, tiny_data_dir):
     out, _ = finished_run
     model, tokenizer, label_maps = load_exported(out / "model")
     assert label_maps["topic"] == ["food", "sport", "tech"]
-    rows = [json.loads(x) for x in (tiny_data_dir / "test.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x) for x in (tiny_data_dir / "test.jsonl").read_text().splitlines()
+    ]
     batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(**batch)
     preds = logits["topic"].argmax(-1).tolist()
-    accuracy = sum(label_maps["topic"][p] == r["topic"] for p, r in zip(preds, rows)) / 20
+    accuracy = (
+        sum(label_maps["topic"][p] == r["topic"] for p, r in zip(preds, rows)) / 20
+    )
     reported = read_metrics(out)[-1]["topic/accuracy"]
     # bf16 autocast during training eval vs fp32 here: allow one flipped example.
     assert abs(accuracy - reported) <= 1 / 20 + 1e-9
 
 
-def test_output_dir_with_another_run_is_refused(finished_run, tiny_model_dir, tiny_data_dir):
+def test_output_dir_with_another_run_is_refused(
+    finished_run, tiny_model_dir, tiny_data_dir
+):
     out, _ = finished_run
     result = run_module(tiny_args(tiny_model_dir, tiny_data_dir, out, "--epochs", "1"))
     assert result.returncode == 2
@@ -94,7 +130,9 @@ def test_output_dir_with_another_run_is_refused(finished_run, tiny_model_dir, ti
 
 def test_one_task(tmp_path, tiny_model_dir, tiny_data_dir):
     out = tmp_path / "one"
-    args = tiny_args(tiny_model_dir, tiny_data_dir, out, "--tasks", "mood", "--max_steps", "3")
+    args = tiny_args(
+        tiny_model_dir, tiny_data_dir, out, "--tasks", "mood", "--max_steps", "3"
+    )
     result = run_module(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(read_metrics(out)[-1]) >= {"mood/accuracy", "mood/f1_macro"}
@@ -106,7 +144,9 @@ def test_three_tasks_on_dailydialog(tmp_path, tiny_model_dir):
 
     source = SHARED_DATA / "dailydialog"
     if not source.is_dir():
-        pytest.skip(f"{source} not present (it ships with the project's shared data only)")
+        pytest.skip(
+            f"{source} not present (it ships with the project's shared data only)"
+        )
     data = tmp_path / "dd"
     data.mkdir()
     # Every n-th line: the files are ordered by dialogue, and topics come in runs.
@@ -114,8 +154,17 @@ def test_three_tasks_on_dailydialog(tmp_path, tiny_model_dir):
         lines = (source / f"{split}.jsonl").read_text().splitlines()[::stride]
         (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    args = tiny_args(tiny_model_dir, data, out, "--tasks", "act,emotion,topic",
-                     "--max_steps", "4", "--global_batch_size", "16")
+    args = tiny_args(
+        tiny_model_dir,
+        data,
+        out,
+        "--tasks",
+        "act,emotion,topic",
+        "--max_steps",
+        "4",
+        "--global_batch_size",
+        "16",
+    )
     result = run_module(args)
     assert result.returncode == 0, result.stderr[-3000:]
     last = read_metrics(out)[-1]
@@ -130,23 +179,38 @@ def test_predict_cli_reads_stdin_and_writes_jsonl(finished_run, tmp_path):
     out, _ = finished_run
     result = subprocess.run(
         [sys.executable, "-m", "mtl_dist.predict", "--model", str(out / "model")],
-        input="the match was great\n\nmy laptop battery is awful\n", capture_output=True,
-        text=True, timeout=300)
+        input="the match was great\n\nmy laptop battery is awful\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["text"] for r in records] == ["the match was great",
-                                            "my laptop battery is awful"]
+    assert [r["text"] for r in records] == [
+        "the match was great",
+        "my laptop battery is awful",
+    ]
     for r in records:
         assert r["topic"]["label"] in ("food", "sport", "tech")
         assert 0.0 < r["mood"]["probability"] <= 1.0
 
 
-def test_evaluate_cli_matches_the_run_and_writes_json(finished_run, tiny_data_dir, tmp_path):
+def test_evaluate_cli_matches_the_run_and_writes_json(
+    finished_run, tiny_data_dir, tmp_path
+):
     out, _ = finished_run
     report_path = tmp_path / "report.json"
-    result = run_module(["--model", str(out / "model"), "--data",
-                         str(tiny_data_dir / "test.jsonl"), "--output", str(report_path)],
-                        module="mtl_dist.evaluate")
+    result = run_module(
+        [
+            "--model",
+            str(out / "model"),
+            "--data",
+            str(tiny_data_dir / "test.jsonl"),
+            "--output",
+            str(report_path),
+        ],
+        module="mtl_dist.evaluate",
+    )
     assert result.returncode == 0, result.stderr
     assert "confusion matrix" in result.stdout and "macro-F1" in result.stdout
     report = json.loads(report_path.read_text())
@@ -154,4 +218,6 @@ def test_evaluate_cli_matches_the_run_and_writes_json(finished_run, tiny_data_di
     for task in ("topic", "mood"):
         assert report[task]["support"] == 20
         # bf16 autocast in the run's evaluation, fp32 here: allow one flipped example.
-        assert abs(report[task]["accuracy"] - run_test[f"{task}/accuracy"]) <= 0.05 + 1e-9
+        assert (
+            abs(report[task]["accuracy"] - run_test[f"{task}/accuracy"]) <= 0.05 + 1e-9
+        )
