@@ -49,11 +49,15 @@ def checkpoint_root(output_dir: Path) -> Path:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a half-written pointer
+        raise
 
 
 def rng_state() -> dict[str, Any]:
@@ -94,22 +98,26 @@ def save_checkpoint(
     root = checkpoint_root(output_dir)
     name = f"step-{trainer_state['step']:08d}"
     tmp = root / f".tmp-{name}"
-    if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / ENGINE_DIR).mkdir(parents=True)
-    D.barrier()
     failed = torch.zeros(1)
     error = ""
+    if world.is_main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / ENGINE_DIR).mkdir(parents=True)
+        except OSError as exc:  # the writes below then fail on every rank too
+            failed += 1
+            error = _describe(exc, tmp)
+    D.barrier()
+    # Every rank attempts its writes even after a failure elsewhere: under DeepSpeed
+    # the save is a collective, and a rank that skipped it would leave the rest hanging.
     try:
         engine.save_state(tmp / ENGINE_DIR)
         torch.save(rng_state(), tmp / f"rng-rank{world.rank}.pt")
         if world.is_main:
             _write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1))
-    except (
-        OSError
-    ) as exc:  # e.g. ENOSPC; every rank must learn of it, or some would hang
+    except OSError as exc:  # e.g. ENOSPC; every rank must learn of it, or some hang
         failed += 1
-        error = f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or tmp})"
+        error = error or _describe(exc, tmp)
     # Every rank reports; the checkpoint is published only if none failed.
     if D.all_reduce_sum(failed).item() > 0:
         if world.is_main:
@@ -117,20 +125,39 @@ def save_checkpoint(
         D.barrier()
         raise CheckpointError(
             f"checkpoint {name} could not be written: "
-            f"{error or 'failed on another rank'}; the previous "
-            "checkpoint is intact"
+            f"{error or 'failed on another rank'}; {_previous(root)}: free space "
+            "(or fix the file system), then continue with --resume auto"
         )
     final = root / name
     if world.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, name + "\n")
-        if trainer_state.get("best_step") == trainer_state["step"]:
-            _write_atomic(root / BEST, name + "\n")
+        try:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _write_atomic(root / LATEST, name + "\n")
+            if trainer_state.get("best_step") == trainer_state["step"]:
+                _write_atomic(root / BEST, name + "\n")
+        except OSError as exc:
+            # `latest` still names the previous checkpoint, which nothing touched.
+            raise CheckpointError(
+                f"checkpoint {name} could not be published: {exc.strerror or exc}; "
+                f"{_previous(root)}: free space, then continue with --resume auto"
+            ) from None
         _prune(root, keep)
     D.barrier()
     logger.info(f"checkpoint saved: {final}")
     return final
+
+
+def _describe(exc: OSError, where: Path) -> str:
+    return f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or where})"
+
+
+def _previous(root: Path) -> str:
+    """What a failed save left to resume from, for its error message."""
+    name = _pointer(root, LATEST)
+    if name is None:
+        return "no earlier checkpoint exists, and none was changed"
+    return f"the previous checkpoint {root / name} is intact"
 
 
 def _pointer(root: Path, name: str) -> str | None:
@@ -169,7 +196,16 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / STATE_FILE).read_text())
+    try:
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            "resume",
+            str(path),
+            "resume from another checkpoint (or start a new run): this one was "
+            "not written by mtl_dist, or was changed since",
+            f"{STATE_FILE} is not valid JSON ({exc})",
+        ) from None
 
 
 def load_checkpoint(engine: Any, path: Path, world: World) -> dict[str, Any]:

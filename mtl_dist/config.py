@@ -15,6 +15,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ DATA_EXTENSIONS = {
 PRECISIONS = ("bf16", "fp16", "fp32")
 POOLINGS = ("mean", "cls")
 NONFINITE_POLICIES = ("skip", "stop")
+WEIGHTING_METHODS = ("sum", "static", "uncertainty", "dwa", "rlw")
+TASK_SAMPLERS = ("none", "proportional", "temperature", "round_robin")
+CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse")
 
 
 @dataclass
@@ -47,7 +51,18 @@ class TaskConfig:
     labels: list[str] | None = None
     """Fixed label list (order = class ids); default: sorted labels seen in train."""
     weight: float = 1.0
-    """Weight of this task's loss in the total (the default sum uses 1.0 for all)."""
+    """Weight of this task's loss in the total, with `weighting.method: static`."""
+    class_weights: str = "none"
+    """Weigh this task's cross-entropy by class: `none`, `inverse` (n / (classes x
+    count), so every class weighs the same in total) or `sqrt_inverse` (1 / sqrt(count),
+    milder); counted on train, scaled so the mean weight of a train row is 1."""
+    train_file: str | None = None
+    """This task's own train rows (labelled for this task only), added to the shared
+    data; .jsonl/.json/.csv/.tsv/.parquet with the same text column(s)."""
+    validation_file: str | None = None
+    """This task's own validation rows."""
+    test_file: str | None = None
+    """This task's own test rows."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -56,10 +71,18 @@ class TaskConfig:
             )
         if self.label_column is None:
             self.label_column = self.name
-        if self.weight < 0:
+        if not self.weight >= 0:  # also refuses NaN
             raise ConfigError(
                 f"tasks.{self.name}.weight", self.weight, "use a loss weight >= 0"
             )
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(
+                f"tasks.{self.name}.class_weights",
+                self.class_weights,
+                f"use one of {CLASS_WEIGHTS}",
+            )
+        for key in ("train_file", "validation_file", "test_file"):
+            _check_extension(f"tasks.{self.name}.{key}", getattr(self, key))
         if self.labels is not None:
             self.labels = [str(x) for x in self.labels]
             if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
@@ -78,9 +101,10 @@ def default_tasks() -> list[TaskConfig]:
 class DataConfig:
     """Where the sentences come from and how they are tokenised."""
 
-    dataset: str = "builtin:uci_sentences"
+    dataset: str | None = "builtin:uci_sentences"
     """A directory with train/validation/test files, a `datasets` hub name, or
-    `builtin:uci_sentences` (shipped with the package)."""
+    `builtin:uci_sentences` (shipped with the package); none when every task brings
+    its own files (`tasks[].train_file`)."""
     dataset_config: str | None = None
     """Configuration name of a hub dataset (second argument of `load_dataset`)."""
     train_file: str | None = None
@@ -104,16 +128,80 @@ class DataConfig:
     length_group_size: int = 64
     """With `group_by_length`: how many global batches' worth of randomly drawn rows are
     sorted by length together. Larger pads less but makes a batch's rows less random."""
+    task_sampling: str = "none"
+    """How global batches are drawn: `none` (from all rows together, rows lacking a
+    task's label masked for it; the fastest) or one source per step, the same on every
+    rank: `proportional` (to its rows), `temperature` (to rows^(1/T)) or
+    `round_robin`. A source is a task's own files, or the shared data set."""
+    sampling_temperature: float = 2.0
+    """T of `task_sampling: temperature` (1 = proportional; larger = more uniform)."""
+    context_turns: int = 0
+    """Add this many preceding utterances of the same conversation as the second text
+    segment, most recent first (0 = none; needs `context_group_column`)."""
+    context_group_column: str | None = None
+    """Column naming the conversation a row belongs to (or holding an id that
+    `context_id_pattern` takes apart)."""
+    context_order_column: str | None = None
+    """Column with the row's position in its conversation (None = file order)."""
+    context_id_pattern: str | None = None
+    """Regular expression with a named group `group` (and optionally `order`, a
+    number) matched against `context_group_column`, e.g. `(?P<group>.+)-(?P<order>\\d+)$`
+    for ids like `dialogue-12-3`."""
 
     def __post_init__(self) -> None:
         for key in ("train_file", "validation_file", "test_file"):
-            path = getattr(self, key)
-            if path is not None and Path(path).suffix.lower() not in DATA_EXTENSIONS:
+            _check_extension(f"data.{key}", getattr(self, key))
+        if self.dataset is not None and Path(self.dataset).is_file():
+            raise ConfigError(
+                "data.dataset",
+                self.dataset,
+                "give the directory that holds train.jsonl (and validation, test), "
+                "or pass the file as --data.train_file",
+                "is a file, not a directory",
+            )
+        if self.task_sampling not in TASK_SAMPLERS:
+            raise ConfigError(
+                "data.task_sampling", self.task_sampling, f"use one of {TASK_SAMPLERS}"
+            )
+        if not self.sampling_temperature > 0:
+            raise ConfigError(
+                "data.sampling_temperature",
+                self.sampling_temperature,
+                "use a temperature > 0",
+            )
+        if self.context_turns < 0:
+            raise ConfigError(
+                "data.context_turns", self.context_turns, "use 0 (off) or more"
+            )
+        if self.context_turns and self.context_group_column is None:
+            raise ConfigError(
+                "data.context_group_column",
+                None,
+                "name the column that says which conversation a row belongs to",
+                "required by data.context_turns",
+            )
+        if self.context_turns and self.text_pair_column is not None:
+            raise ConfigError(
+                "data.text_pair_column",
+                self.text_pair_column,
+                "drop it, or set data.context_turns 0: the context is the second "
+                "segment",
+                "cannot be combined with data.context_turns",
+            )
+        if self.context_id_pattern is not None:
+            try:
+                pattern = re.compile(self.context_id_pattern)
+            except re.error as exc:
                 raise ConfigError(
-                    f"data.{key}",
-                    path,
-                    f"use one of {', '.join(DATA_EXTENSIONS)}",
-                    "unknown file format",
+                    "data.context_id_pattern",
+                    self.context_id_pattern,
+                    f"fix the regular expression ({exc})",
+                ) from None
+            if "group" not in pattern.groupindex:
+                raise ConfigError(
+                    "data.context_id_pattern",
+                    self.context_id_pattern,
+                    "add a named group (?P<group>...)",
                 )
         if self.max_length < 8:
             raise ConfigError(
@@ -163,6 +251,37 @@ class ModelConfig:
 
 
 @dataclass
+class WeightingConfig:
+    """How the task losses combine into the one loss that is minimised."""
+
+    method: str = "sum"
+    """`sum` (every weight 1), `static` (`tasks[].weight`), `uncertainty` (learned
+    log-variances, Kendall et al. 2018), `dwa` (dynamic weight average, Liu et al. 2019)
+    or `rlw` (random weights each step, Lin et al. 2022)."""
+    dwa_temperature: float = 2.0
+    """T of `dwa`: larger makes the weights more even."""
+    dwa_interval: int = 0
+    """Steps whose mean loss is one point of `dwa`'s loss history (0 = an epoch, as in
+    the paper)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in WEIGHTING_METHODS:
+            raise ConfigError(
+                "weighting.method", self.method, f"use one of {WEIGHTING_METHODS}"
+            )
+        if not self.dwa_temperature > 0:
+            raise ConfigError(
+                "weighting.dwa_temperature", self.dwa_temperature, "use a value > 0"
+            )
+        if self.dwa_interval < 0:
+            raise ConfigError(
+                "weighting.dwa_interval",
+                self.dwa_interval,
+                "use a number of steps >= 1, or 0 for one epoch",
+            )
+
+
+@dataclass
 class Config:
     """Everything one training run needs. Loaded from YAML, overridden on the command line."""
 
@@ -172,6 +291,8 @@ class Config:
     """Data source and tokenisation."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Encoder and heads."""
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    """How the task losses are combined."""
     output_dir: str = "runs/default"
     """Run directory: TensorBoard events, config, label maps, metrics, final model."""
     overwrite: bool = False
@@ -255,6 +376,22 @@ class Config:
             raise ConfigError(
                 "tasks", dupes, "give every task a unique name", "duplicate task names"
             )
+        weighted = [t.name for t in self.tasks if t.weight != 1.0]
+        if weighted and self.weighting.method != "static":
+            raise ConfigError(
+                "weighting.method",
+                self.weighting.method,
+                "set weighting.method to static to use tasks[].weight, or drop the "
+                f"weights of {weighted}",
+                "ignores task weights",
+            )
+        if self.data.dataset is None and not all(t.train_file for t in self.tasks):
+            raise ConfigError(
+                "data.dataset",
+                None,
+                "name a data set, or give every task its own tasks[].train_file",
+                f"tasks without data: {[t.name for t in self.tasks if not t.train_file]}",
+            )
         positive = ("epochs", "global_batch_size", "eval_batch_size", "log_every")
         for key in positive:
             if getattr(self, key) <= 0:
@@ -323,6 +460,17 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_extension(key: str, path: str | None) -> None:
+    if path is not None and Path(path).is_dir():
+        raise ConfigError(
+            key, path, "give the path of a data file, not a directory", "is a directory"
+        )
+    if path is not None and Path(path).suffix.lower() not in DATA_EXTENSIONS:
+        raise ConfigError(
+            key, path, f"use one of {', '.join(DATA_EXTENSIONS)}", "unknown file format"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -512,6 +660,12 @@ def build_arg_parser(prog: str = "python -m mtl_dist.train") -> argparse.Argumen
     _add_fields(parser.add_argument_group("data"), DataConfig, defaults.data, "data.")
     _add_fields(
         parser.add_argument_group("model"), ModelConfig, defaults.model, "model."
+    )
+    _add_fields(
+        parser.add_argument_group("weighting"),
+        WeightingConfig,
+        defaults.weighting,
+        "weighting.",
     )
     return parser
 

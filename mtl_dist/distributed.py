@@ -70,12 +70,37 @@ def init_world(device: str = "auto", deepspeed: bool = False) -> World:
 
         # DeepSpeed adopts a torch group that already exists, so a restarted worker
         # gets the same fresh rendezvous keys as under DDP.
-        if world_size > 1:
-            _init_process_group(backend, dev if use_cuda else None)
-        ds.init_distributed(dist_backend=backend)
+        with _port_in_use_is_a_user_error():
+            if world_size > 1:
+                _init_process_group(backend, dev if use_cuda else None)
+            ds.init_distributed(dist_backend=backend)
     elif world_size > 1:
-        _init_process_group(backend, dev if use_cuda else None)
+        with _port_in_use_is_a_user_error():
+            _init_process_group(backend, dev if use_cuda else None)
     return World(rank, local_rank, world_size, dev)
+
+
+@contextlib.contextmanager
+def _port_in_use_is_a_user_error() -> Iterator[None]:
+    """A rendezvous port held by another program, said as a ConfigError.
+
+    Under torchrun the launcher's agent opens the port before any worker starts and
+    reports a busy one itself; a worker meets it only when it opens the store, as a
+    single DeepSpeed process does on ``MASTER_PORT``.
+    """
+    try:
+        yield
+    except RuntimeError as exc:  # torch's DistNetworkError
+        text = str(exc)
+        if "EADDRINUSE" not in text and "address already in use" not in text.lower():
+            raise
+        raise ConfigError(
+            "MASTER_PORT",
+            os.environ.get("MASTER_PORT"),
+            "pick a free port (torchrun --master_port PORT), or unset MASTER_PORT "
+            "for a single process",
+            f"already in use on {os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+        ) from None
 
 
 def _init_process_group(backend: str, device_id: torch.device | None) -> None:

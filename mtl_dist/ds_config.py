@@ -29,6 +29,13 @@ def read_ds_json(path: str) -> dict[str, Any]:
             f"fix the JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})",
             "malformed JSON",
         ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "deepspeed",
+            path,
+            "save the file as UTF-8",
+            f"not UTF-8 (byte offset {exc.start})",
+        ) from None
     if not isinstance(values, dict):
         raise ConfigError(
             "deepspeed", path, "write the DeepSpeed config as a JSON object"

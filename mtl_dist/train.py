@@ -13,11 +13,14 @@ from mtl_dist.engine import build_engine
 from mtl_dist.log import RunRecorder, setup_logging
 from mtl_dist.model import build_model, load_tokenizer
 from mtl_dist.run import (
+    check_before_writing,
+    check_output_dir,
+    check_resume,
     export_final,
+    init_output_dir,
     log_startup,
     make_collator,
     prepare_data,
-    prepare_output_dir,
     run_cli,
 )
 from mtl_dist.trainer import Trainer, plan_batches, warmup_steps
@@ -33,16 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_batches(cfg, world.world_size)
     set_seed(cfg.seed)  # same seed on every rank: identical initial heads
 
-    # Run directory with the resolved config; the checkpoint to resume, if any.
-    out, checkpoint = prepare_output_dir(cfg, world)
+    # Refuse every mistake found without the data before touching the run directory;
+    # find the checkpoint to resume, if any.
+    check_before_writing(cfg, world, plan)
+    out, checkpoint = check_output_dir(cfg, world)
 
-    # Data: labels from train, tokenised once and cached.
+    # Data: labels from train, tokenised once and cached. A data error leaves the run
+    # directory as it was: an earlier run there is cleared only after this.
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg, tokenizer, world, out)
+    data = prepare_data(cfg, tokenizer, world)
+    check_resume(checkpoint, cfg, data.label_maps)
+    total_steps = Trainer.planned_steps(cfg, len(data.splits["train"]), plan)
+
+    # Run directory: the resolved config and label maps, nothing of an earlier run.
+    init_output_dir(cfg, world, out, checkpoint, data.label_maps)
 
     # Model, optimizer and engine (DDP or DeepSpeed).
     model = build_model(cfg.model, data.label_maps)
-    total_steps = Trainer.planned_steps(cfg, len(data.splits["train"]), plan)
     engine = build_engine(
         model,
         cfg,

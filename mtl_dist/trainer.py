@@ -63,6 +63,7 @@ from mtl_dist.engine import Engine
 from mtl_dist.errors import ConfigError
 from mtl_dist.log import RunRecorder, logger
 from mtl_dist.metrics import summary_line, task_metrics
+from mtl_dist.weighting import build_weighting, class_weights
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ class StepResult:
 
     task_losses: list[float]
     """Each task's mean loss over the global batch (NaN or inf when not finite)."""
+    weights: list[float]
+    """The weight of each task's loss in this step."""
+    objective: float
+    """The minimised loss: weighted task losses plus the weighting's own term."""
     grad_norm: torch.Tensor | None
     """Global gradient norm; None when the update was skipped or the engine has none."""
     applied: bool
@@ -178,7 +183,7 @@ class Trainer:
         self.recorder = recorder
         self.output_dir = output_dir
         self.tasks = [t.name for t in cfg.tasks]
-        self.weights = torch.tensor([t.weight for t in cfg.tasks], device=world.device)
+        self.weighting = build_weighting(cfg)
         train = data.splits["train"]
         self.sampler = train_sampler(
             train,
@@ -188,17 +193,25 @@ class Trainer:
             world.world_size,
             world.rank,
         )
-        # Which rows carry a label for each task (rows x tasks), to count a global batch's
-        # labels on every rank without a collective.
-        self.labelled = torch.from_numpy(
-            np.stack(
-                [
-                    column_array(train, label_key(i)) != IGNORE_INDEX
-                    for i in range(len(self.tasks))
-                ],
-                axis=1,
+        # Each row's weight in each task's loss (rows x tasks): its class weight, 0
+        # where the label is missing. Summed over a global batch, these are the
+        # denominators of the task means, known on every rank without a collective.
+        self.class_weights: list[torch.Tensor | None] = []
+        row_weights = []
+        for i, task in enumerate(cfg.tasks):
+            labels = column_array(train, label_key(i))
+            per_class = class_weights(
+                task.class_weights, labels, len(data.label_maps[task.name])
             )
-        )
+            self.class_weights.append(
+                None
+                if task.class_weights == "none"
+                else torch.tensor(per_class, dtype=torch.float32, device=world.device)
+            )
+            row_weights.append(
+                np.where(labels != IGNORE_INDEX, per_class[np.maximum(labels, 0)], 0.0)
+            )
+        self.row_weights = torch.from_numpy(np.stack(row_weights, 1).astype(np.float32))
         self.total_steps = self.planned_steps(cfg, len(train), plan)
         self.step = 0
         """Optimizer steps taken so far (the number of the last one)."""
@@ -249,9 +262,9 @@ class Trainer:
         return {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
 
     def global_label_counts(self, step_in_epoch: int) -> torch.Tensor:
-        """Labels of each task in the whole global batch of a step (every rank, every
-        micro-step); identical on every rank."""
-        return self.labelled[self.sampler.global_batch(step_in_epoch)].sum(0)
+        """Each task's labels in the whole global batch of a step (every rank, every
+        micro-step), each counted with its class weight; identical on every rank."""
+        return self.row_weights[self.sampler.global_batch(step_in_epoch)].sum(0)
 
     def train_step(
         self, micro_batches: list[dict[str, torch.Tensor]], global_counts: torch.Tensor
@@ -263,7 +276,11 @@ class Trainer:
         add up to each task's mean over the global batch.
         """
         num_tasks = len(self.tasks)
-        denominators = global_counts.to(self.world.device, torch.float32).clamp(min=1.0)
+        weights = self.weighting.weights(self.step)
+        weight_tensor = torch.tensor(weights, device=self.world.device)
+        # Counts of class-weighted rows can sum to less than 1: clamp only true zeros.
+        denominators = global_counts.to(self.world.device, torch.float32)
+        denominators = torch.where(denominators > 0, denominators, 1.0)
         shares = torch.zeros(num_tasks, device=self.world.device)
         last = len(micro_batches) - 1
         for k, mb in enumerate(micro_batches):
@@ -276,6 +293,7 @@ class Trainer:
                         F.cross_entropy(
                             logits[t].float(),
                             labels[:, i],
+                            weight=self.class_weights[i],
                             reduction="sum",
                             ignore_index=IGNORE_INDEX,
                         )
@@ -285,7 +303,7 @@ class Trainer:
                 task_losses = sums / denominators
                 shares += task_losses.detach()
                 loss = (
-                    self.weights * task_losses
+                    weight_tensor * task_losses
                 ).sum() * self.engine.loss_scale_for_reduction
                 if k == last:
                     votes = self._vote(shares)
@@ -300,12 +318,20 @@ class Trainer:
         values = votes.tolist()
         task_losses, flags = values[:num_tasks], values[num_tasks:-2]
         out_of_time, interrupted = values[-2] > 0, values[-1] > 0
+        objective = sum(w * v for w, v in zip(weights, task_losses))
+        objective += self.weighting.regularizer()
         if not any(flags):
             norm = self.engine.step()
-            return StepResult(task_losses, norm, True, out_of_time, interrupted)
+            # Every rank observes the same summed losses: the weights stay identical.
+            self.weighting.observe(task_losses, self.step, self._lrs()[1])
+            return StepResult(
+                task_losses, weights, objective, norm, True, out_of_time, interrupted
+            )
         self.engine.skip_step()
         self._nonfinite(task_losses, flags)
-        return StepResult(task_losses, None, False, out_of_time, interrupted)
+        return StepResult(
+            task_losses, weights, objective, None, False, out_of_time, interrupted
+        )
 
     def _vote(self, shares: torch.Tensor) -> torch.Tensor:
         """The step's one all-reduce: task shares, a not-finite flag per rank, rank 0's
@@ -396,6 +422,9 @@ class Trainer:
             self.step += 1
             result = self.train_step(micro, counts)
             self.step_in_epoch = index + 1
+            if self.step_in_epoch == self.sampler.steps_per_epoch:
+                # Before any checkpoint of this step, so that it holds the closed epoch.
+                self.weighting.end_epoch()
             window.add(result)
             if progress is not None:
                 progress.update(1)
@@ -435,6 +464,10 @@ class Trainer:
             "best_metric": self.best_score,
             "best_step": self.best_step,
             "evals_since_best": self.evals_since_best,
+            "label_maps": self.data.label_maps,
+            "weighting_method": self.cfg.weighting.method,
+            "weighting": self.weighting.state_dict(),
+            "sampler": self.sampler.state_dict(),
         }
 
     def save(self) -> None:
@@ -457,8 +490,10 @@ class Trainer:
             ("global_batch_size", self.plan.global_batch_size),
             ("seed", self.cfg.seed),
             ("tasks", self.tasks),
+            ("label_maps", self.data.label_maps),
+            ("weighting_method", self.cfg.weighting.method),
         ):
-            if state[key] != now:
+            if key in state and state[key] != now:
                 raise ConfigError(
                     key,
                     now,
@@ -473,6 +508,9 @@ class Trainer:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.best_score, self.best_step = state["best_metric"], state["best_step"]
         self.evals_since_best = state["evals_since_best"]
+        self.weighting.load_state_dict(state.get("weighting", {}))
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
         self.last_saved_step = self.step
         # Lines a killed run wrote after this checkpoint are written again.
         self.recorder.truncate_metrics(self.step)
@@ -567,8 +605,7 @@ class Trainer:
 
     def _log_train(self, window: _LogWindow) -> None:
         # No collective here: each step's losses were summed over ranks already.
-        task_losses, grad_norm, steps, elapsed, wait = window.flush()
-        loss = sum(t.weight * v for t, v in zip(self.cfg.tasks, task_losses))
+        task_losses, loss, weights, grad_norm, steps, elapsed, wait = window.flush()
         samples_per_sec = steps * self.plan.global_batch_size / max(elapsed, 1e-9)
         lr, head_lr = self._lrs()
         values = {
@@ -579,12 +616,15 @@ class Trainer:
             "train/data_wait_share": wait / max(elapsed, 1e-9),
         }
         values.update({f"train/loss_{t}": v for t, v in zip(self.tasks, task_losses)})
+        values.update({f"train/weight_{t}": w for t, w in zip(self.tasks, weights)})
         if grad_norm is not None:
             values["train/grad_norm"] = grad_norm
         self.recorder.scalars(values, self.step)
         per_task = " | ".join(
             f"loss_{t} {v:.4f}" for t, v in zip(self.tasks, task_losses)
         )
+        if self.cfg.weighting.method != "sum":
+            per_task += " | weights " + "/".join(f"{w:.3f}" for w in weights)
         norm_text = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
         logger.info(
             f"step {self.step}/{self.total_steps} | epoch {self.epoch + 1} | "
@@ -680,7 +720,9 @@ class Trainer:
         for i, (task, m) in enumerate(metrics.items()):
             mask = labels[:, i] != IGNORE_INDEX
             task_loss = float(losses[mask, i].mean()) if mask.any() else float("nan")
-            total += self.cfg.tasks[i].weight * task_loss
+            # Unweighted by class; weighted by task only with fixed (static) weights,
+            # so that validation losses stay comparable across steps.
+            total += self.weighting.fixed[i] * task_loss
             record.update(
                 {
                     f"{task}/accuracy": m["accuracy"],
@@ -693,6 +735,12 @@ class Trainer:
                     f"{prefix}/{task}/accuracy": m["accuracy"],
                     f"{prefix}/{task}/f1_macro": m["f1_macro"],
                     f"{prefix}/loss_{task}": task_loss,
+                }
+            )
+            scalars.update(
+                {
+                    f"{prefix}/{task}/f1/{name.replace(' ', '_')}": c["f1-score"]
+                    for name, c in m.get("per_class", {}).items()
                 }
             )
         record["loss"] = scalars[f"{prefix}/loss"] = total
@@ -748,6 +796,8 @@ class _LogWindow:
 
     def reset(self) -> None:
         self.losses = [0.0] * self.num_tasks
+        self.objective = 0.0
+        self.weights = [math.nan] * self.num_tasks
         self.norms: list[torch.Tensor] = []
         self.steps = 0
         self.applied = 0
@@ -762,16 +812,24 @@ class _LogWindow:
         # A skipped step's losses are not finite: they stay out of the interval's mean.
         if result.applied:
             self.losses = [a + b for a, b in zip(self.losses, result.task_losses)]
+            self.objective += result.objective
             self.applied += 1
+        self.weights = result.weights
         if result.grad_norm is not None:
             self.norms.append(result.grad_norm.detach().float().reshape(()))
         self.steps += 1
         self.mark = time.perf_counter()
 
-    def flush(self) -> tuple[list[float], float | None, int, float, float]:
+    def flush(
+        self,
+    ) -> tuple[list[float], float, list[float], float | None, int, float, float]:
+        """Means over the applied steps (task losses, objective), the last step's
+        weights, the mean grad norm, steps, seconds and data-wait seconds."""
         losses = [v / self.applied if self.applied else math.nan for v in self.losses]
+        objective = self.objective / self.applied if self.applied else math.nan
         norm = float(torch.stack(self.norms).mean()) if self.norms else None
-        result = (losses, norm, self.steps, time.perf_counter() - self.start, self.wait)
+        elapsed = time.perf_counter() - self.start
+        result = (losses, objective, self.weights, norm, self.steps, elapsed, self.wait)
         self.reset()
         return result
 

@@ -45,6 +45,7 @@ def test_yaml_then_flags(tmp_path):
     path.write_text(
         "epochs: 5\nlr: 3.0e-5\nmodel:\n  pooling: cls\ntasks:\n"
         "  - {name: a, label_column: x, weight: 2}\n  - {name: b}\n"
+        "weighting: {method: static}\n"
     )
     cfg, _ = parse_config(
         [
@@ -60,6 +61,7 @@ def test_yaml_then_flags(tmp_path):
     )
     assert cfg.epochs == 7 and cfg.lr == 3e-5 and cfg.model.pooling == "cls"
     assert cfg.data.max_length == 64 and cfg.model.freeze_encoder is True
+    assert cfg.weighting.method == "static"
     assert [(t.name, t.label_column, t.weight) for t in cfg.tasks] == [
         ("a", "x", 2.0),
         ("b", "b", 1.0),

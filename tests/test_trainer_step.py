@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl_dist.config import Config, TaskConfig
+from mtl_dist.config import Config, TaskConfig, WeightingConfig
 from mtl_dist.data import IGNORE_INDEX
 from mtl_dist.distributed import World
 from mtl_dist.engine import Engine
 from mtl_dist.log import logger
 from mtl_dist.trainer import Trainer, TrainingStopped
+from mtl_dist.weighting import build_weighting
 
 TASKS = {"topic": 3, "mood": 2}
 FEATURES = 5
@@ -27,10 +28,15 @@ class LinearEngine(Engine):
     """Logits = features @ weight per task; it records step / skip and never updates, so
     the gradients of several calls add up as a reduction over ranks would add them."""
 
+    group_names = ["heads"]
+
     def __init__(self, weights: dict[str, torch.Tensor]) -> None:
         self.weights = weights
         self.loss_scale_for_reduction = 1.0
         self.calls: list[str] = []
+
+    def lrs(self):
+        return [1e-3]
 
     def forward(self, batch):
         return {t: batch["features"] @ w for t, w in self.weights.items()}
@@ -51,7 +57,8 @@ def make_trainer(engine: Engine, rank: int = 0, world_size: int = 1, **cfg) -> T
     trainer.world = World(rank, rank, world_size, torch.device("cpu"))
     trainer.engine = engine
     trainer.tasks = list(TASKS)
-    trainer.weights = torch.ones(len(TASKS))
+    trainer.weighting = build_weighting(trainer.cfg)
+    trainer.class_weights = [None] * len(TASKS)
     trainer.step = 1
     trainer.started = time.monotonic()
     trainer.stop_signal = None
@@ -187,3 +194,62 @@ def test_only_rank0_votes_on_the_time_limit():
         trainer.started -= 31
         result = trainer.train_step([chunk(features, labels, 0)], counts)
         assert result.out_of_time is expected
+
+
+def test_class_weighted_shares_add_up_to_the_weighted_global_mean():
+    """With class weights, a task's loss is the class-weighted mean over the global
+    batch: the denominators are the summed weights of its labelled rows."""
+    features, labels = uneven_global_batch(seed=3)
+    weights = make_weights(seed=4)
+    engine = LinearEngine(weights)
+    per_class = [torch.tensor([0.5, 2.0, 1.0]), torch.tensor([3.0, 0.25])]
+    rows = torch.stack(
+        [
+            torch.where(labels[:, i] != IGNORE_INDEX, w[labels[:, i].clamp(min=0)], 0.0)
+            for i, w in enumerate(per_class)
+        ],
+        1,
+    )
+    total = torch.zeros(len(TASKS), dtype=torch.float64)
+    for rank in (0, 1):
+        trainer = make_trainer(engine)
+        trainer.class_weights = per_class
+        micro = [chunk(features, labels, 2 * k + rank) for k in (0, 1)]
+        total += torch.tensor(
+            trainer.train_step(micro, rows.sum(0)).task_losses, dtype=torch.float64
+        )
+    expected = [
+        float(
+            F.cross_entropy(
+                features @ weights[t].detach(),
+                labels[:, i],
+                weight=per_class[i],
+                ignore_index=IGNORE_INDEX,
+            )
+        )
+        for i, t in enumerate(TASKS)
+    ]
+    assert torch.allclose(total.float(), torch.tensor(expected), rtol=1e-6)
+
+
+def test_the_weighting_scales_each_tasks_gradient_and_the_objective():
+    features, labels = uneven_global_batch()
+    counts = (labels != IGNORE_INDEX).sum(0)
+    micro = [chunk(features, labels, k) for k in range(4)]
+    plain = make_weights()
+    make_trainer(LinearEngine(plain)).train_step(micro, counts)
+    weighted = make_weights()
+    trainer = make_trainer(
+        LinearEngine(weighted), weighting=WeightingConfig("uncertainty")
+    )
+    trainer.weighting.log_vars = [math.log(2.0), -math.log(3.0)]  # weights 1/2 and 3
+    result = trainer.train_step(micro, counts)
+    assert result.weights == pytest.approx([0.5, 3.0])
+    for t, factor in zip(TASKS, (0.5, 3.0)):
+        assert torch.allclose(weighted[t].grad, factor * plain[t].grad, rtol=1e-5)
+    regularizer = (math.log(2.0) - math.log(3.0)) / 2
+    expected = 0.5 * result.task_losses[0] + 3 * result.task_losses[1] + regularizer
+    assert result.objective == pytest.approx(expected)
+    # The applied step taught the log-variances: both moved.
+    assert trainer.weighting.log_vars[0] != math.log(2.0)
+    assert trainer.weighting.log_vars[1] != -math.log(3.0)
