@@ -22,6 +22,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets.fingerprint import Hasher
@@ -511,6 +512,7 @@ def _check_text(
             found.append(np.flatnonzero(empty.to_numpy(zero_copy_only=False)) + offset)
             offset += len(values)
         rows = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+        pa.default_memory_pool().release_unused()
         others: list[int] = []
     else:
         # Mixed types (datasets' Json feature), numbers, lists, objects.
@@ -1022,7 +1024,7 @@ class GlobalBatchSampler:
         self.epoch = 0
         self.start_step = 0
         self._order_epoch = -1
-        self._order = torch.empty(0, global_batch_size, dtype=torch.long)
+        self._order = torch.empty(0, global_batch_size, dtype=torch.int32)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -1040,17 +1042,34 @@ class GlobalBatchSampler:
         """The epoch's global batches as rows of a (steps x G) index tensor."""
         steps, size = self.steps_per_epoch, self.global_batch_size
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        # Row indices as int32: the order is held for the whole epoch, and its size
+        # is the one part of a training process's memory that grows with the data.
         perm = torch.randperm(self.num_examples, generator=gen)[: steps * size]
+        perm = perm.to(torch.int32)
         if self.lengths is None:
             return perm.view(steps, size)
-        # Stable sorts: ties keep the permutation's order, so every rank (and every run)
-        # builds exactly the same batches.
-        windows = []
-        for window in perm.split(self.group_size * size):
-            order = torch.sort(self.lengths[window], stable=True).indices
-            windows.append(window[order])
-        batches = torch.cat(windows).view(steps, size)
-        batches = batches[torch.randperm(steps, generator=gen)]
+        return self._longest_first(self._length_grouped(perm, gen))
+
+    def _length_grouped(self, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``rows`` (a multiple of G, in random order) as global batches of similar
+        length: each window of ``group_size`` batches sorted by length and cut, then
+        the batches shuffled."""
+        assert self.lengths is not None
+        grouped = torch.empty_like(rows)
+        window = self.group_size * self.global_batch_size
+        for start in range(0, len(rows), window):
+            part = rows[start : start + window]
+            # Stable: ties keep the permutation's order, so every rank (and every
+            # run) builds exactly the same batches.
+            order = torch.sort(self.lengths[part], stable=True).indices
+            grouped[start : start + len(part)] = part[order]
+        batches = grouped.view(-1, self.global_batch_size)
+        return batches[torch.randperm(len(batches), generator=gen)]
+
+    def _longest_first(self, batches: torch.Tensor) -> torch.Tensor:
+        """Swap the batch holding the longest row to the front: a batch too large
+        for memory then fails at once, not hours in."""
+        assert self.lengths is not None
         longest = int(torch.argmax(self.lengths[batches].amax(1)))
         batches[[0, longest]] = batches[[longest, 0]]
         return batches
@@ -1134,7 +1153,8 @@ class TaskBatchSampler(GlobalBatchSampler):
         sources = np.asarray(sources)
         self.source_ids = [int(x) for x in np.unique(sources)]
         self.members = [
-            torch.from_numpy(np.flatnonzero(sources == s)) for s in self.source_ids
+            torch.from_numpy(np.flatnonzero(sources == s).astype(np.int32))
+            for s in self.source_ids
         ]
         self.sizes = np.array([len(m) for m in self.members], dtype=np.float64)
         self.method = method
@@ -1180,7 +1200,7 @@ class TaskBatchSampler(GlobalBatchSampler):
         size = self.global_batch_size
         draws = self.draws(self.epoch)
         consumed = self.consumed_before(self.epoch)
-        batches = torch.empty(self.steps_per_epoch, size, dtype=torch.long)
+        batches = torch.empty(self.steps_per_epoch, size, dtype=torch.int32)
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         for source in range(len(self.source_ids)):
             steps = np.flatnonzero(draws == source)
@@ -1188,17 +1208,11 @@ class TaskBatchSampler(GlobalBatchSampler):
                 continue
             rows = self._stream(source, consumed[source], len(steps) * size)
             if self.lengths is not None:
-                windows = []
-                for window in rows.split(self.group_size * size):
-                    order = torch.sort(self.lengths[window], stable=True).indices
-                    windows.append(window[order])
-                grouped = torch.cat(windows).view(len(steps), size)
-                rows = grouped[torch.randperm(len(steps), generator=gen)]
+                rows = self._length_grouped(rows, gen)
             batches[torch.from_numpy(steps)] = rows.view(len(steps), size)
-        if self.lengths is not None:
-            longest = int(torch.argmax(self.lengths[batches].amax(1)))
-            batches[[0, longest]] = batches[[longest, 0]]
-        return batches
+        if self.lengths is None:
+            return batches
+        return self._longest_first(batches)
 
     def state_dict(self) -> dict[str, Any]:
         return {

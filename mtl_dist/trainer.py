@@ -193,25 +193,28 @@ class Trainer:
             world.world_size,
             world.rank,
         )
-        # Each row's weight in each task's loss (rows x tasks): its class weight, 0
-        # where the label is missing. Summed over a global batch, these are the
-        # denominators of the task means, known on every rank without a collective.
+        # Every train row's class id per task (rows x tasks, int16: this is held for
+        # the whole run and grows with the data), a missing label as the extra id
+        # `classes`; and per task, the weight of each id (class weight, 0 for the
+        # missing label). A global batch's weights, summed, are the denominators of
+        # the task means, known on every rank without a collective.
         self.class_weights: list[torch.Tensor | None] = []
-        row_weights = []
+        self.id_weights: list[torch.Tensor] = []
+        ids = []
         for i, task in enumerate(cfg.tasks):
             labels = column_array(train, label_key(i))
-            per_class = class_weights(
-                task.class_weights, labels, len(data.label_maps[task.name])
-            )
+            classes = len(data.label_maps[task.name])
+            per_class = class_weights(task.class_weights, labels, classes)
             self.class_weights.append(
                 None
                 if task.class_weights == "none"
                 else torch.tensor(per_class, dtype=torch.float32, device=world.device)
             )
-            row_weights.append(
-                np.where(labels != IGNORE_INDEX, per_class[np.maximum(labels, 0)], 0.0)
+            self.id_weights.append(torch.tensor([*per_class, 0.0], dtype=torch.float32))
+            ids.append(
+                np.where(labels == IGNORE_INDEX, classes, labels).astype(np.int16)
             )
-        self.row_weights = torch.from_numpy(np.stack(row_weights, 1).astype(np.float32))
+        self.label_ids = torch.from_numpy(np.stack(ids, 1))
         self.total_steps = self.planned_steps(cfg, len(train), plan)
         self.step = 0
         """Optimizer steps taken so far (the number of the last one)."""
@@ -264,7 +267,10 @@ class Trainer:
     def global_label_counts(self, step_in_epoch: int) -> torch.Tensor:
         """Each task's labels in the whole global batch of a step (every rank, every
         micro-step), each counted with its class weight; identical on every rank."""
-        return self.row_weights[self.sampler.global_batch(step_in_epoch)].sum(0)
+        ids = self.label_ids[self.sampler.global_batch(step_in_epoch)].long()
+        return torch.stack(
+            [weights[ids[:, i]].sum() for i, weights in enumerate(self.id_weights)]
+        )
 
     def train_step(
         self, micro_batches: list[dict[str, torch.Tensor]], global_counts: torch.Tensor
