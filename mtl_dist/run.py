@@ -229,8 +229,9 @@ def prepare_output_dir(cfg: Config, world: World) -> tuple[Path, Path | None]:
 def check_resume(
     checkpoint: Path | None, cfg: Config, label_maps: dict[str, list[str]]
 ) -> None:
-    """Refuse a checkpoint of other tasks or labels before its weights are loaded
-    (heads of another shape would fail to load with a message about tensors)."""
+    """Refuse a checkpoint this run cannot continue exactly (other tasks, labels,
+    global batch, seed or weighting method) before its weights are loaded: heads of
+    another shape would fail to load with a message about tensors."""
     if checkpoint is None:
         return
     state = read_trainer_state(checkpoint)
@@ -246,6 +247,21 @@ def check_resume(
             fix,
             f"differ from the tasks {state['tasks']} of the checkpoint {checkpoint}",
         )
+    # The data order depends on the global batch and the seed; the weighting state
+    # belongs to its method.
+    for key, now in (
+        ("global_batch_size", cfg.global_batch_size),
+        ("seed", cfg.seed),
+        ("weighting_method", cfg.weighting.method),
+    ):
+        if key in state and state[key] != now:
+            raise ConfigError(
+                key if key != "weighting_method" else "weighting.method",
+                now,
+                f"resume with the value {state[key]!r} the checkpoint was written "
+                "with, or start a new run",
+                f"differs from the checkpoint {checkpoint}",
+            )
     saved = state.get("label_maps", {})
     for name, labels in label_maps.items():
         if name in saved and saved[name] != labels:

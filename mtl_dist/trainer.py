@@ -490,24 +490,11 @@ class Trainer:
         self.last_saved_step = self.step
 
     def resume_from(self, path: Path) -> None:
-        """Restore a checkpoint: engine, RNG, position in the data, best-model tracking."""
+        """Restore a checkpoint: engine, RNG, position in the data, best-model tracking,
+        the loss weighting and the sampler."""
+        # The checkpoint was checked against this run's config before anything was
+        # built (run.check_resume).
         state = load_checkpoint(self.engine, path, self.world)
-        for key, now in (
-            ("global_batch_size", self.plan.global_batch_size),
-            ("seed", self.cfg.seed),
-            ("tasks", self.tasks),
-            ("label_maps", self.data.label_maps),
-            ("weighting_method", self.cfg.weighting.method),
-        ):
-            if key in state and state[key] != now:
-                raise ConfigError(
-                    key,
-                    now,
-                    f"resume with {key} = {state[key]} as the "
-                    f"checkpoint was written, or start a new run",
-                    f"differs from the checkpoint {path} (the data order "
-                    "depends on it)",
-                )
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
         if self.step_in_epoch >= self.sampler.steps_per_epoch:  # saved at an epoch end

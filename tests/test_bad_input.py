@@ -523,6 +523,27 @@ CASES = [
         needs_run=True,
     ),
     Case(
+        "resume_with_another_seed",
+        "resuming a checkpoint written with another seed (another data order)",
+        lambda e: ["--seed", "7", "--overwrite", "true", "--resume", "auto"],
+        ("seed=7", "differs from the checkpoint", "the value 42"),
+        needs_run=True,
+    ),
+    Case(
+        "resume_with_another_weighting",
+        "resuming a checkpoint of another loss weighting method",
+        lambda e: [
+            "--weighting.method",
+            "dwa",
+            "--overwrite",
+            "true",
+            "--resume",
+            "auto",
+        ],
+        ("weighting.method='dwa'", "differs from the checkpoint", "'sum'"),
+        needs_run=True,
+    ),
+    Case(
         "resume_not_a_checkpoint",
         "--resume with a directory that is not a checkpoint",
         lambda e: ["--resume", str(e.tmp)],
