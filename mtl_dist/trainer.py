@@ -268,9 +268,11 @@ class Trainer:
         """Each task's labels in the whole global batch of a step (every rank, every
         micro-step), each counted with its class weight; identical on every rank."""
         ids = self.label_ids[self.sampler.global_batch(step_in_epoch)].long()
-        return torch.stack(
+        counts = torch.stack(
             [weights[ids[:, i]].sum() for i, weights in enumerate(self.id_weights)]
         )
+        # Pinned, the copy to the GPU does not wait for the previous step's kernels.
+        return counts.pin_memory() if self.world.device.type == "cuda" else counts
 
     def train_step(
         self, micro_batches: list[dict[str, torch.Tensor]], global_counts: torch.Tensor
@@ -283,9 +285,10 @@ class Trainer:
         """
         num_tasks = len(self.tasks)
         weights = self.weighting.weights(self.step)
-        weight_tensor = torch.tensor(weights, device=self.world.device)
         # Counts of class-weighted rows can sum to less than 1: clamp only true zeros.
-        denominators = global_counts.to(self.world.device, torch.float32)
+        denominators = global_counts.to(
+            self.world.device, torch.float32, non_blocking=True
+        )
         denominators = torch.where(denominators > 0, denominators, 1.0)
         shares = torch.zeros(num_tasks, device=self.world.device)
         last = len(micro_batches) - 1
@@ -308,9 +311,9 @@ class Trainer:
                 )
                 task_losses = sums / denominators
                 shares += task_losses.detach()
-                loss = (
-                    weight_tensor * task_losses
-                ).sum() * self.engine.loss_scale_for_reduction
+                # Python floats as factors: no host-to-device copy on every step.
+                loss = sum(w * x for w, x in zip(weights, task_losses.unbind()))
+                loss = loss * self.engine.loss_scale_for_reduction
                 if k == last:
                     votes = self._vote(shares)
                     # A step to skip gets a NaN factor on its last loss on every rank: the
