@@ -62,6 +62,18 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return factor
 
 
+def check_precision(cfg: Config, device: torch.device) -> None:
+    """Refuse a precision the device cannot run (fp16 autocast and loss scaling are
+    GPU-only here)."""
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "precision",
+            "fp16",
+            "use --precision bf16 (or fp32) on CPU",
+            "fp16 autocast needs a GPU",
+        )
+
+
 class Engine:
     """What the trainer needs from an engine."""
 
@@ -151,13 +163,7 @@ class TorchEngine(Engine):
         total_steps: int,
         warmup_steps: int,
     ) -> None:
-        if cfg.precision == "fp16" and world.device.type != "cuda":
-            raise ConfigError(
-                "precision",
-                "fp16",
-                "use --precision bf16 (or fp32) on CPU",
-                "fp16 autocast needs a GPU",
-            )
+        check_precision(cfg, world.device)
         self.module = model.to(world.device)
         self.world = world
         self.cfg = cfg
@@ -270,13 +276,7 @@ class DeepSpeedEngine(Engine):
     ) -> None:
         import deepspeed
 
-        if cfg.precision == "fp16" and world.device.type != "cuda":
-            raise ConfigError(
-                "precision",
-                "fp16",
-                "use --precision bf16 (or fp32) on CPU",
-                "fp16 needs a GPU",
-            )
+        check_precision(cfg, world.device)
         self.world = world
         self.cfg = cfg
         # ZeRO calls collectives that this torch deprecates, and the warning comes back

@@ -16,7 +16,12 @@ import numpy as np
 
 from mtl_dist.data import IGNORE_INDEX, _label_text
 from mtl_dist.errors import ConfigError
-from mtl_dist.inference import pick_device, predict_probabilities, read_rows
+from mtl_dist.inference import (
+    add_inference_options,
+    pick_device,
+    predict_probabilities,
+    read_rows,
+)
 from mtl_dist.log import setup_logging
 from mtl_dist.metrics import task_metrics
 from mtl_dist.model import load_exported
@@ -37,27 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON report path (default: <data>.eval.json beside the data)",
     )
     parser.add_argument(
-        "--text_column",
-        default=None,
-        help="field holding the text (default: the one used in training)",
-    )
-    parser.add_argument(
         "--label_column",
         action="append",
         default=[],
         metavar="TASK=COL",
         help="label column of a task, if not named like the task",
     )
-    parser.add_argument(
-        "--batch_size",
-        type=int,
-        default=64,
-        help="sentences per forward pass (default: 64)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="auto, cpu or cuda (default: auto)"
-    )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_inference_options(parser)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
@@ -13,6 +14,25 @@ import torch
 
 from mtl_dist.errors import ConfigError
 from mtl_dist.model import MultiTaskModel
+
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """The options the predict and evaluate CLIs share."""
+    parser.add_argument(
+        "--text_column",
+        default=None,
+        help="field holding the text (default: the one used in training)",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=64,
+        help="sentences per forward pass (default: 64)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu or cuda (default: auto)"
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
 def read_rows(path: str | None, text_column: str) -> list[dict[str, Any]]:

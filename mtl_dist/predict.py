@@ -13,7 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-from mtl_dist.inference import pick_device, predict_probabilities, read_rows
+from mtl_dist.inference import (
+    add_inference_options,
+    pick_device,
+    predict_probabilities,
+    read_rows,
+)
 from mtl_dist.log import setup_logging
 from mtl_dist.model import load_exported
 from mtl_dist.run import run_cli
@@ -32,21 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", default="-", help="JSONL file; - = stdout (default: -)"
     )
-    parser.add_argument(
-        "--text_column",
-        default=None,
-        help="field holding the text (default: the one used in training)",
-    )
-    parser.add_argument(
-        "--batch_size",
-        type=int,
-        default=64,
-        help="sentences per forward pass (default: 64)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="auto, cpu or cuda (default: auto)"
-    )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_inference_options(parser)
     return parser
 
 

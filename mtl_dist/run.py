@@ -19,7 +19,7 @@ from mtl_dist.checkpoint import CheckpointError, find_checkpoint, read_trainer_s
 from mtl_dist.config import Config, resolve_output_dir
 from mtl_dist.data import Collator, TokenizedData, build_label_maps, load_raw, tokenize
 from mtl_dist.distributed import World
-from mtl_dist.engine import Engine
+from mtl_dist.engine import Engine, check_precision
 from mtl_dist.errors import ConfigError
 from mtl_dist.log import logger
 from mtl_dist.model import check_model, export_model
@@ -115,13 +115,7 @@ def check_before_writing(cfg: Config, world: World, plan: BatchPlan) -> None:
     """Refuse what needs no data to refuse, before the run directory is touched: fp16
     on a CPU, a DeepSpeed JSON that does not fit, a model directory without weights, a
     max_length the encoder lacks."""
-    if cfg.precision == "fp16" and world.device.type != "cuda":
-        raise ConfigError(
-            "precision",
-            "fp16",
-            "use --precision bf16 (or fp32) on CPU",
-            "fp16 autocast needs a GPU",
-        )
+    check_precision(cfg, world.device)
     if cfg.deepspeed is not None:
         from mtl_dist.ds_config import resolve_ds_config
 
