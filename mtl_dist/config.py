@@ -262,7 +262,7 @@ class WeightingConfig:
     """T of `dwa`: larger makes the weights more even."""
     dwa_interval: int = 0
     """Steps whose mean loss is one point of `dwa`'s loss history (0 = an epoch, as in
-    the paper)."""
+    the paper; weights move from the third point on, so runs of 1-2 epochs need steps)."""
 
     def __post_init__(self) -> None:
         if self.method not in WEIGHTING_METHODS:
@@ -432,6 +432,21 @@ class Config:
                 "keep_checkpoints",
                 self.keep_checkpoints,
                 "keep at least 1 (resume needs one)",
+            )
+        if (
+            self.weighting.method == "dwa"
+            and self.weighting.dwa_interval == 0
+            and self.epochs <= 2
+        ):
+            # DWA needs two points of loss history before a weight moves: with one
+            # point per epoch, a run of two epochs or fewer would silently train as sum.
+            raise ConfigError(
+                "weighting.dwa_interval",
+                0,
+                "set it to a number of steps (a sixth of an epoch, say), or train "
+                "3 epochs or more",
+                f"one loss point per epoch keeps every dwa weight at 1 for the first "
+                f"two epochs, so these {self.epochs} epoch(s) would train as `sum`",
             )
         task_names = {t.name for t in self.tasks}
         metric_task, _, metric_kind = self.best_metric.partition("/")

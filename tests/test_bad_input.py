@@ -404,6 +404,12 @@ CASES = [
         ("lr=3.0", "use a learning rate in (0, 1)"),
     ),
     Case(
+        "dwa_that_never_moves",
+        "dwa with one loss point per epoch in a run of two epochs or fewer",
+        lambda e: ["--weighting.method", "dwa", "--epochs", "2"],
+        ("weighting.dwa_interval=0", "would train as `sum`", "a number of steps"),
+    ),
+    Case(
         "epochs_zero",
         "epochs out of range",
         lambda e: ["--epochs", "0"],
@@ -535,6 +541,8 @@ CASES = [
         lambda e: [
             "--weighting.method",
             "dwa",
+            "--weighting.dwa_interval",
+            "1",
             "--overwrite",
             "true",
             "--resume",
