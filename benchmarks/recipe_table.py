@@ -5,9 +5,9 @@
 Reads each run directory's ``config.json``, ``metrics.jsonl`` (the test line and the
 validation lines) and ``reports/test_step<N>.json`` (per-class F1), and prints markdown:
 one row per run with the recipe's weighting method, epochs, the step whose checkpoint
-was tested (the best on validation), and each task's test accuracy and macro-F1; then one
-per-class F1 table per task. Wall time is not in the run directory: pass it as
-``DIR=SECONDS`` to add a column.
+was tested (the best on validation), and each task's test accuracy and macro-F1 and the
+validation macro-F1 that chose that checkpoint; then one per-class F1 table per task.
+Wall time is not in the run directory: pass it as ``DIR=SECONDS`` to add a column.
 """
 
 from __future__ import annotations
@@ -31,10 +31,21 @@ def read_run(directory: Path) -> dict[str, Any]:
             f"{directory}: no test line in metrics.jsonl (run unfinished?)"
         )
     test = tests[-1]
+    chosen = [
+        line
+        for line in lines
+        if line["split"] == "validation" and line["step"] == test["step"]
+    ]
     report = json.loads(
         (directory / "reports" / f"test_step{test['step']}.json").read_text()
     )
-    return {"dir": directory, "config": config, "test": test, "report": report}
+    return {
+        "dir": directory,
+        "config": config,
+        "test": test,
+        "validation": chosen[-1] if chosen else None,
+        "report": report,
+    }
 
 
 def main() -> int:
@@ -55,7 +66,7 @@ def main() -> int:
     if seconds:
         head.append("wall time")
     for task in tasks:
-        head += [f"{task} acc", f"{task} macro-F1"]
+        head += [f"{task} acc", f"{task} macro-F1", f"{task} val macro-F1"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for run, item in zip(runs, args.runs):
@@ -69,10 +80,12 @@ def main() -> int:
         if seconds:
             wall = seconds.get(item.partition("=")[0])
             row.append(f"{wall / 60:.0f} min" if wall else "")
+        val = run["validation"]
         for task in tasks:
             row += [
                 f"{100 * test[f'{task}/accuracy']:.1f}",
                 f"**{100 * test[f'{task}/f1_macro']:.1f}**",
+                f"{100 * val[f'{task}/f1_macro']:.1f}" if val else "",
             ]
         print("| " + " | ".join(row) + " |")
     for task in tasks:

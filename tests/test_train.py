@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from mtl_dist.model import load_exported
-from tests.conftest import read_metrics, run_module, tiny_args
+from tests.conftest import REPO, read_metrics, run_module, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -221,3 +223,24 @@ def test_evaluate_cli_matches_the_run_and_writes_json(
         assert (
             abs(report[task]["accuracy"] - run_test[f"{task}/accuracy"]) <= 0.05 + 1e-9
         )
+
+
+def test_recipe_table_reports_the_tested_checkpoint(finished_run):
+    """benchmarks/recipe_table.py reads a real run directory: the test line's
+    figures, the validation that chose the checkpoint, per-class F1 of every class."""
+    out, _ = finished_run
+    metrics = read_metrics(out)
+    test = next(m for m in metrics if m["split"] == "test")
+    table = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "recipe_table.py"), f"{out}=90"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    row = next(line for line in table.splitlines() if line.startswith(f"| {out.name} "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:5] == ["sum", "3", str(test["step"]), "2 min"]
+    assert cells[6] == f"**{100 * test['topic/f1_macro']:.1f}**"
+    assert cells[9] == f"**{100 * test['mood/f1_macro']:.1f}**"
+    for name in ("food (n=", "sport (n=", "tech (n=", "negative (n=", "positive (n="):
+        assert name in table
