@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,15 @@ def read_metrics(out: Path) -> list[dict]:
     return [
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
     ]
+
+
+def wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 300) -> list[str]:
+    """Read a child's stderr until a line matches; returns the lines read so far."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stderr:
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+        assert time.monotonic() < deadline, "".join(lines[-30:])
+    raise AssertionError(f"never saw {pattern!r}:\n" + "".join(lines[-30:]))

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from tests.conftest import (
     read_metrics,
     run_module,
     tiny_args,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -72,18 +72,6 @@ def start(args, nproc=1, torchrun_args=()):
         env=child_env(),
         cwd=REPO,
     )
-
-
-def wait_for(proc, pattern, timeout=300):
-    """Read the child's stderr until a line matches; returns the lines read so far."""
-    lines = []
-    deadline = time.monotonic() + timeout
-    for line in proc.stderr:
-        lines.append(line)
-        if re.search(pattern, line):
-            return lines
-        assert time.monotonic() < deadline, "".join(lines[-30:])
-    raise AssertionError(f"never saw {pattern!r}:\n" + "".join(lines[-30:]))
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

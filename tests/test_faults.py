@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +40,7 @@ from tests.conftest import (
     make_rows,
     read_metrics,
     tiny_args,
+    wait_for,
     write_jsonl,
 )
 
@@ -221,17 +221,6 @@ def test_disk_full_while_publishing_keeps_the_latest_pointer(tmp_path, monkeypat
 
 # ---------------------------------------------------------------------------------------
 # Ctrl-C, and a secret in the environment.
-
-
-def wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 300) -> list[str]:
-    lines = []
-    deadline = time.monotonic() + timeout
-    for line in proc.stderr:
-        lines.append(line)
-        if re.search(pattern, line):
-            return lines
-        assert time.monotonic() < deadline, "".join(lines[-30:])
-    raise AssertionError(f"never saw {pattern!r}:\n" + "".join(lines[-30:]))
 
 
 def files_holding(directory: Path, text: str) -> list[str]:
