@@ -54,11 +54,7 @@ def run_cli(
     try:
         return main(argv)
     except ConfigError as exc:
-        if debug:
-            traceback.print_exc()
-        rank = os.environ.get("RANK", "0")
-        prefix = "" if rank == "0" else f"[rank {rank}] "
-        print(f"{prefix}error: {exc}", file=sys.stderr)
+        _report_on_every_rank(exc, debug)
         return EXIT_USER_ERROR
     except TrainingStopped as exc:
         # Every rank stops at the same step with the same message: rank 0 says it.
@@ -72,11 +68,7 @@ def run_cli(
     except CheckpointError as exc:
         # Every rank learns of the failure; each says what it saw (a full disk may be
         # local to one node).
-        if debug:
-            traceback.print_exc()
-        rank = os.environ.get("RANK", "0")
-        prefix = "" if rank == "0" else f"[rank {rank}] "
-        print(f"{prefix}error: {exc}", file=sys.stderr)
+        _report_on_every_rank(exc, debug)
         return EXIT_CHECKPOINT_FAILED
     except KeyboardInterrupt:
         if debug:
@@ -89,6 +81,16 @@ def run_cli(
         return EXIT_INTERRUPTED
     finally:
         D.shutdown()
+
+
+def _report_on_every_rank(exc: Exception, debug: bool) -> None:
+    """One line on stderr, the rank named where it is not 0; the traceback with
+    --debug."""
+    if debug:
+        traceback.print_exc()
+    rank = os.environ.get("RANK", "0")
+    prefix = "" if rank == "0" else f"[rank {rank}] "
+    print(f"{prefix}error: {exc}", file=sys.stderr)
 
 
 RUN_ARTIFACTS = (
