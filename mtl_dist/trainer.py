@@ -202,7 +202,7 @@ class Trainer:
         self.id_weights: list[torch.Tensor] = []
         ids = []
         for i, task in enumerate(cfg.tasks):
-            labels = column_array(train, label_key(i))
+            labels = column_array(train, label_key(i), np.int16)
             classes = len(data.label_maps[task.name])
             per_class = class_weights(task.class_weights, labels, classes)
             self.class_weights.append(
