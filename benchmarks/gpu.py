@@ -138,6 +138,17 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+EAGER_CONFIGS = [
+    "--configs",
+    "mtl_dist@eager,hf_default,hf_grouped,naive_fp32",
+    "--variant",
+    "eager=--compile false",
+]
+"""The configurations unless ``--configs`` is given: mtl_dist eager, since with
+``compile auto`` a run as long as an epoch of these data would compile first, and
+compiling BERT-base (untried on a GPU here) may not fit a configuration's minute."""
+
+
 def count_configs(bench_args: list[str]) -> int:
     """Configurations per benchmark run: the 4 defaults, or those of ``--configs``."""
     for i, arg in enumerate(bench_args):
@@ -217,6 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # timed) hold few steps: min(rows / (4 x batch), 50).
     args.batches = args.batches or ("32,64" if args.smoke else "32,128")
     args.repeat = args.repeat or (1 if args.smoke else 40)
+    if not any(a == "--configs" or a.startswith("--configs=") for a in args.bench_args):
+        args.bench_args += EAGER_CONFIGS
     return args
 
 

@@ -7,6 +7,9 @@ are reduced, clipped, scaled and stepped is the engine's business.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +87,10 @@ class Engine:
     gradient of the global-batch loss (see the trainer's loss normalisation)."""
     zero_stage: int = -1
     """ZeRO stage, or -1 without DeepSpeed."""
+    compiled: bool = False
+    """Whether the encoder runs under ``torch.compile`` in training."""
+    compile_reason: str = "off"
+    """Why it does or does not, in words (see :func:`compile_decision`)."""
     group_names: list[str]
     """``encoder`` or ``heads`` for each optimizer parameter group, in order."""
 
@@ -126,10 +133,20 @@ class Engine:
     def eval_mode(self) -> Iterator[None]:
         self.module.eval()
         try:
-            with torch.inference_mode():
+            # A compiled encoder would compile again for inference (a second graph
+            # without backward, tens of seconds on a small CPU) for a pass that the
+            # eager fused attention kernel already runs well.
+            with eager_if(self.compiled), torch.inference_mode():
                 yield
         finally:
             self.module.train()
+
+
+def eager_if(condition: bool) -> contextlib.AbstractContextManager:
+    """Run compiled modules eagerly inside this block when ``condition`` holds."""
+    if not condition:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 def attention_kernels(
@@ -423,7 +440,7 @@ class DeepSpeedEngine(Engine):
         # inference-mode storage, which the next backward cannot differentiate.
         self.module.eval()
         try:
-            with torch.no_grad():
+            with eager_if(self.compiled), torch.no_grad():
                 yield
         finally:
             self.module.train()
@@ -474,6 +491,53 @@ def _steps_held_back(*objects: Any) -> Iterator[None]:
                 obj.step = step
 
 
+def compile_decision(
+    cfg: Config, device: torch.device, total_steps: int
+) -> tuple[bool, str]:
+    """Whether to compile the encoder, and why, in words for the start-up log.
+
+    ``auto`` compiles long runs only: compiling costs a minute of start-up on a small
+    CPU and saves a share of every step, so short runs (the tests, the default UCI run)
+    would lose by it. DeepSpeed is left out of ``auto``: its ZeRO stages hook into the
+    modules' forward, which compiling in place changes, and that pairing is untested
+    here.
+    """
+    if cfg.compile == "false":
+        return False, "off"
+    missing = missing_compiler(device)
+    if cfg.compile == "true":
+        if missing:
+            raise ConfigError(
+                "compile",
+                "true",
+                f"install {missing}, or set --compile auto or false",
+                f"torch.compile on {device.type} needs {missing}",
+            )
+        return True, "on (compile true)"
+    if cfg.deepspeed is not None:
+        return False, "off (auto: not with DeepSpeed)"
+    if missing:
+        return False, f"off (auto: no {missing} on this machine)"
+    if total_steps < cfg.compile_min_steps:
+        return False, (
+            f"off (auto: {total_steps} planned steps < compile_min_steps "
+            f"{cfg.compile_min_steps})"
+        )
+    return True, (
+        f"on (auto: {total_steps} planned steps >= compile_min_steps "
+        f"{cfg.compile_min_steps}; the first step compiles)"
+    )
+
+
+def missing_compiler(device: torch.device) -> str | None:
+    """What inductor lacks on this machine to compile for ``device``, or None."""
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "triton"
+    # Inductor's CPU kernels are C++, built with $CXX (g++ unless set).
+    cxx = os.environ.get("CXX", "g++")
+    return None if shutil.which(cxx) else f"a C++ compiler ({cxx})"
+
+
 def build_engine(
     model: MultiTaskModel,
     cfg: Config,
@@ -483,20 +547,26 @@ def build_engine(
     total_steps: int,
     warmup_steps: int,
 ) -> Engine:
-    if cfg.compile:
+    compiled, reason = compile_decision(cfg, world.device, total_steps)
+    if compiled:
         # In place (nn.Module.compile), so that parameter names, and with them
         # checkpoints and the export, stay those of the plain model. Dynamic shapes:
         # every batch has its own length.
         model.encoder.compile(dynamic=True)
     if cfg.deepspeed is None:
-        return TorchEngine(model, cfg, world, total_steps, warmup_steps)
-    from mtl_dist.ds_config import resolve_ds_config
+        engine: Engine = TorchEngine(model, cfg, world, total_steps, warmup_steps)
+    else:
+        from mtl_dist.ds_config import resolve_ds_config
 
-    ds_config = resolve_ds_config(
-        cfg.deepspeed,
-        cfg,
-        micro_batch_size,
-        accumulation,
-        on_cpu=world.device.type == "cpu",
-    )
-    return DeepSpeedEngine(model, cfg, world, ds_config, total_steps, warmup_steps)
+        ds_config = resolve_ds_config(
+            cfg.deepspeed,
+            cfg,
+            micro_batch_size,
+            accumulation,
+            on_cpu=world.device.type == "cpu",
+        )
+        engine = DeepSpeedEngine(
+            model, cfg, world, ds_config, total_steps, warmup_steps
+        )
+    engine.compiled, engine.compile_reason = compiled, reason
+    return engine

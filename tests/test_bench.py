@@ -88,6 +88,11 @@ def test_bench_reports_every_configuration(
     for row in rows.values():
         assert (row["warmup_steps"], row["timed_steps"]) == window
     assert summary["data"]["train_rows"] == 96
+    # mtl_dist planned a whole epoch (12 steps of 8 rows), as a user's run would, and
+    # its defaults decided from that: too short to compile.
+    assert notes["mtl_dist"]["compile"] == (
+        "off (auto: 12 planned steps < compile_min_steps 2000)"
+    )
     assert "| mtl_dist |" in (tmp_path / "bench.md").read_text()
 
 
@@ -316,7 +321,15 @@ def test_gpu_script_smoke_on_cpu(tmp_path: Path) -> None:
     run = report["runs"]["32"]
     assert run["exit_status"] == 0
     assert run["setup"]["batch"] == 32 and run["setup"]["encoder"] == "tiny"
-    assert {r["config"] for r in run["rows"]} == set(bench.CONFIGS)
+    # mtl_dist eager: see EAGER_CONFIGS in the script.
+    assert {r["config"] for r in run["rows"]} == {
+        "mtl_dist@eager",
+        "hf_default",
+        "hf_grouped",
+        "naive_fp32",
+    }
+    notes = {r["name"]: r["notes"] for r in run["raw"]}
+    assert notes["mtl_dist@eager"]["compile"] == "off"
     assert "### Batch 32" in (out / "gpu.md").read_text()
     assert "mtl_dist.bench" in (out / "gpu.log").read_text()
     # At most 8 files, so that a device machine's output folder returns all of them.
