@@ -50,6 +50,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1010,6 +1011,38 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def summarise_rounds(
+    results: list[Measurement], configs: list[str], peak: float
+) -> tuple[
+    list[dict[str, Any]], list[dict[str, float]], dict[str, tuple[float, float, float]]
+]:
+    """Table rows (each configuration's median round by samples/s), the ratios of
+    each round, and each ratio's (lowest, median, highest) over the rounds."""
+    rows = []
+    for name in configs:
+        runs = sorted(
+            (r.row(peak) for r in results if r.name == name),
+            key=lambda row: row["samples_per_s"],
+        )
+        if runs:
+            rows.append(runs[(len(runs) - 1) // 2])
+    rounds = sorted({r.notes.get("round", 1) for r in results})
+    round_ratios = [
+        ratios([r.row(peak) for r in results if r.notes.get("round", 1) == n])
+        for n in rounds
+    ]
+    ratio_range = {}
+    for key in dict.fromkeys(k for one in round_ratios for k in one):
+        values = [one[key] for one in round_ratios if key in one]
+        ratio_range[key] = (min(values), statistics.median(values), max(values))
+    return rows, round_ratios, ratio_range
+
+
+def ratio_text(lo_mid_hi: tuple[float, float, float], rounds: int) -> str:
+    lo, mid, hi = lo_mid_hi
+    return f"{mid:.2f}x" if rounds == 1 else f"{mid:.2f}x ({lo:.2f}-{hi:.2f})"
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -1084,6 +1117,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         + "; mtl_dist@NAME runs a --variant",
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the configurations this many times, interleaved (A B C, A B C, ...): "
+        "the table shows each configuration's median round, each ratio is the median "
+        "of its per-round ratios, with their range (default: %(default)s)",
+    )
+    p.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -1149,7 +1190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args.worker, Path(args.spec), Path(args.result))
-    for key in ("batch", "warmup", "steps"):
+    for key in ("batch", "warmup", "steps", "rounds"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key}", getattr(args, key), "use a value >= 1")
     data = resolve_data(args.data)
@@ -1225,33 +1266,40 @@ def main(argv: list[str] | None = None) -> int:
                 f"{spec['steps']} timed steps",
                 flush=True,
             )
-        for name in configs:
-            work = Path(tmp) / name
-            work.mkdir()
-            spec["work"] = str(work)
-            began = time.perf_counter()
-            if args.in_process:
-                result = measure(name, {**spec, "began": began})
-            else:
-                # A failed or timed-out configuration is reported, and the others
-                # still run: one broken baseline must not cost the whole table.
-                try:
-                    result = Measurement(**run_worker(name, spec, work, args.timeout))
-                except RuntimeError as exc:
-                    failed[name] = str(exc)
-                    print(f"  {name}: FAILED: {exc}", flush=True)
-                    continue
-            result.notes["wall_s"] = round(time.perf_counter() - began, 1)
-            results.append(result)
-            row = result.row(peak_before)
-            print(
-                f"  {name}: {row['samples_per_s']:.1f} samples/s "
-                f"({result.notes['wall_s']} s)",
-                flush=True,
-            )
+        # Interleaved rounds: a shared machine's speed drifts over minutes, and
+        # running every configuration once per round spreads the drift over all.
+        for round_ in range(args.rounds):
+            for name in configs:
+                label = name if args.rounds == 1 else f"{name} (round {round_ + 1})"
+                work = Path(tmp) / f"{name}-r{round_}"
+                work.mkdir()
+                spec["work"] = str(work)
+                began = time.perf_counter()
+                if args.in_process:
+                    result = measure(name, {**spec, "began": began})
+                else:
+                    # A failed or timed-out configuration is reported, and the others
+                    # still run: one broken baseline must not cost the whole table.
+                    try:
+                        result = Measurement(
+                            **run_worker(name, spec, work, args.timeout)
+                        )
+                    except RuntimeError as exc:
+                        failed[label] = str(exc)
+                        print(f"  {label}: FAILED: {exc}", flush=True)
+                        continue
+                result.notes["wall_s"] = round(time.perf_counter() - began, 1)
+                result.notes["round"] = round_ + 1
+                results.append(result)
+                row = result.row(peak_before)
+                print(
+                    f"  {label}: {row['samples_per_s']:.1f} samples/s "
+                    f"({result.notes['wall_s']} s)",
+                    flush=True,
+                )
     peak_after = matmul_peak(device, seconds=args.peak_seconds)
     peak = max(peak_before, peak_after)
-    rows = [r.row(peak) for r in results]
+    rows, round_ratios, ratio_range = summarise_rounds(results, configs, peak)
     summary = {
         "command": "python -m mtl_dist.bench "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
@@ -1279,8 +1327,11 @@ def main(argv: list[str] | None = None) -> int:
         "fp32_matmul_peak_gflops": fp32_peak / 1e9,
         "flops_formula": "6 * per_token_params * real_tokens + "
         "12 * layers * hidden * sum(real_length^2)",
+        "rounds": args.rounds,
         "rows": rows,
-        "ratios": ratios(rows),
+        "ratios": {k: lo_mid_hi[1] for k, lo_mid_hi in ratio_range.items()},
+        "ratio_range": ratio_range,
+        "round_ratios": round_ratios,
         "failed": failed,
         "raw": [asdict(r) for r in results],
         "total_seconds": time.perf_counter() - started,
@@ -1295,7 +1346,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.encoder if not args.model else args.model}, {Path(data).name} "
         f"({data_info['tokens_per_row']:.1f} tokens per row), {device.type}"
     )
-    ratio_lines = [f"| {k} | {v:.2f}x |" for k, v in summary["ratios"].items()]
+    ratio_lines = [
+        f"| {k} | {ratio_text(v, args.rounds)} |" for k, v in ratio_range.items()
+    ]
     (out / f"{args.tag}.md").write_text(
         f"{headline}\n\n{markdown_table(rows)}\n\n| ratio (samples/s) | measured |\n"
         "|---|---:|\n" + "\n".join(ratio_lines) + "\n"
@@ -1309,8 +1362,8 @@ def main(argv: list[str] | None = None) -> int:
     print(headline)
     print(format_table(rows))
     print()
-    for key, value in summary["ratios"].items():
-        print(f"{key:<36}{value:6.2f}x")
+    for key, value in ratio_range.items():
+        print(f"{key:<36}{ratio_text(value, args.rounds):>8}")
     for name in failed:
         print(f"{name}: failed (see {args.tag}.json)")
     print(

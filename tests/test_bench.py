@@ -345,3 +345,64 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
         env=child_env(),
         cwd=REPO,
     )
+
+
+@pytest.mark.slow
+def test_rounds_interleave_and_report_medians(
+    tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    code = bench.main(
+        [
+            "--data",
+            str(tiny_data_dir),
+            "--tasks",
+            "topic,mood",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--batch",
+            "8",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--peak-seconds",
+            "0.1",
+            "--configs",
+            "mtl_dist,hf_default",
+            "--rounds",
+            "3",
+            "--in-process",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    # Interleaved: A B, A B, A B.
+    assert [(r["name"], r["notes"]["round"]) for r in summary["raw"]] == [
+        (name, n) for n in (1, 2, 3) for name in ("mtl_dist", "hf_default")
+    ]
+    per_round = summary["round_ratios"]
+    assert len(per_round) == 3
+    key = "mtl_dist / hf_default"
+    values = sorted(one[key] for one in per_round)
+    assert summary["ratios"][key] == pytest.approx(values[1])
+    assert summary["ratio_range"][key] == pytest.approx(
+        [values[0], values[1], values[2]]
+    )
+    # One row per configuration: its median round.
+    rows = {r["config"]: r for r in summary["rows"]}
+    assert set(rows) == {"mtl_dist", "hf_default"}
+    speeds = sorted(
+        r["samples"] / r["seconds"] for r in summary["raw"] if r["name"] == "mtl_dist"
+    )
+    assert rows["mtl_dist"]["samples_per_s"] == pytest.approx(speeds[1])
+    assert (
+        f"{values[1]:.2f}x ({values[0]:.2f}-{values[2]:.2f})"
+        in (tmp_path / "bench.md").read_text()
+    )
