@@ -504,16 +504,10 @@ def compile_decision(
     """
     if cfg.compile == "false":
         return False, "off"
-    missing = missing_compiler(device)
+    check_compile(cfg, device)
     if cfg.compile == "true":
-        if missing:
-            raise ConfigError(
-                "compile",
-                "true",
-                f"install {missing}, or set --compile auto or false",
-                f"torch.compile on {device.type} needs {missing}",
-            )
         return True, "on (compile true)"
+    missing = missing_compiler(device)
     if cfg.deepspeed is not None:
         return False, "off (auto: not with DeepSpeed)"
     if missing:
@@ -527,6 +521,19 @@ def compile_decision(
         f"on (auto: {total_steps} planned steps >= compile_min_steps "
         f"{cfg.compile_min_steps}; the first step compiles)"
     )
+
+
+def check_compile(cfg: Config, device: torch.device) -> None:
+    """Refuse ``compile true`` on a machine that cannot compile (before any writing:
+    otherwise the first training step would fail after the data was loaded)."""
+    missing = missing_compiler(device) if cfg.compile == "true" else None
+    if missing:
+        raise ConfigError(
+            "compile",
+            "true",
+            f"install {missing}, or set --compile auto or false",
+            f"torch.compile on {device.type} needs {missing}",
+        )
 
 
 def missing_compiler(device: torch.device) -> str | None:

@@ -19,7 +19,7 @@ from mtl_dist.checkpoint import CheckpointError, find_checkpoint, read_trainer_s
 from mtl_dist.config import Config, resolve_output_dir
 from mtl_dist.data import Collator, TokenizedData, build_label_maps, load_raw, tokenize
 from mtl_dist.distributed import World
-from mtl_dist.engine import Engine, check_precision
+from mtl_dist.engine import Engine, check_compile, check_precision
 from mtl_dist.errors import ConfigError
 from mtl_dist.log import logger
 from mtl_dist.model import check_model, export_model
@@ -115,9 +115,10 @@ may be moved, and is still the same run)."""
 
 def check_before_writing(cfg: Config, world: World, plan: BatchPlan) -> None:
     """Refuse what needs no data to refuse, before the run directory is touched: fp16
-    on a CPU, a DeepSpeed JSON that does not fit, a model directory without weights, a
-    max_length the encoder lacks."""
+    on a CPU, `compile true` without a compiler, a DeepSpeed JSON that does not fit, a
+    model directory without weights, a max_length the encoder lacks."""
     check_precision(cfg, world.device)
+    check_compile(cfg, world.device)
     if cfg.deepspeed is not None:
         from mtl_dist.ds_config import resolve_ds_config
 

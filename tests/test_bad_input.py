@@ -410,6 +410,12 @@ CASES = [
         ("weighting.dwa_interval=0", "would train as `sum`", "a number of steps"),
     ),
     Case(
+        "compile_value",
+        "a compile setting that is none of auto, true, false",
+        lambda e: ["--compile", "sometimes"],
+        ("compile='sometimes'", "use auto, true or false"),
+    ),
+    Case(
         "epochs_zero",
         "epochs out of range",
         lambda e: ["--epochs", "0"],

@@ -50,6 +50,25 @@ def test_missing_compiler_turns_auto_off_and_refuses_true(monkeypatch):
         compile_decision(config(compile="true"), CPU, 1)
 
 
+def test_compile_true_without_compiler_is_refused_before_writing(
+    monkeypatch, tmp_path, tiny_model_dir, tiny_data_dir, capsys
+):
+    from mtl_dist.run import run_cli
+    from mtl_dist.train import main
+    from tests.conftest import tiny_args
+
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    out = tmp_path / "out"
+    code = run_cli(
+        main, tiny_args(tiny_model_dir, tiny_data_dir, out, "--compile", "true")
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "error: compile='true': torch.compile on cpu needs a C++ compiler" in err
+    assert "Fix: install a C++ compiler (no-such-compiler-here)" in err
+    assert not out.exists()  # refused before the run directory was made
+
+
 def test_bad_value_is_refused():
     with pytest.raises(ConfigError, match="compile"):
         config(compile="sometimes")
