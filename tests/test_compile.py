@@ -11,6 +11,7 @@ from mtl_dist.distributed import init_world
 from mtl_dist.engine import build_engine, compile_decision
 from mtl_dist.errors import ConfigError
 from mtl_dist.model import build_model
+from tests.conftest import tiny_args
 
 CPU = torch.device("cpu")
 
@@ -55,7 +56,6 @@ def test_compile_true_without_compiler_is_refused_before_writing(
 ):
     from mtl_dist.run import run_cli
     from mtl_dist.train import main
-    from tests.conftest import tiny_args
 
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     out = tmp_path / "out"
