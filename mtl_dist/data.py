@@ -1292,8 +1292,8 @@ def release_freed_memory() -> None:
     multi-megabyte requests from that kept memory: temporaries the size of a whole
     column (a permutation of every row, a column's values in int64) then stay in the
     process's resident memory after they are gone, and a process reading a 1 M-row
-    data set held about 20 MiB more than one reading 100 k rows. A few milliseconds,
-    called once per epoch and once after loading.
+    data set held about 20 MiB more than one reading 100 k rows. Well under a
+    millisecond here; called once after loading and once per epoch.
     """
     try:
         trim = ctypes.CDLL(None).malloc_trim
