@@ -1356,6 +1356,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (
         f"{args.encoder}, batch {args.batch}, {Path(data).name}, {device.type}; "
         f"{spec['steps']} timed steps after {spec['warmup']}"
+        + (f"; median of {args.rounds} rounds" if args.rounds > 1 else "")
     )
     plotted = bool(rows) and plot(rows, out / f"{args.tag}.png", title)
     print()
