@@ -3,7 +3,9 @@
 ``python -m mtl_dist.bench`` measures, in one run, on the same encoder, data, batch size
 and precision:
 
-- ``mtl_dist``: the toolkit's default, through its own ``Trainer`` and engine;
+- ``mtl_dist``: the toolkit's default, through its own ``Trainer`` and engine, planning
+  one epoch as a user's run of the data would (so that ``compile auto`` decides as it
+  would for that run) and stopped after the timed window;
 - ``hf_default``: the HF ``Trainer`` on an equivalent two-head model (the same
   ``MultiTaskModel`` behind a loss-returning wrapper), random sampler, dynamic padding;
 - ``hf_grouped``: the same with ``train_sampling_strategy="group_by_length"``;
@@ -37,7 +39,8 @@ Results: a table and the ratios on stdout; ``<tag>.json`` (every row, the raw su
 machine, the command), ``<tag>.md`` (the table in Markdown) and ``<tag>.png`` under
 ``--out``. A configuration that fails or outlasts ``--timeout`` is listed under
 ``failed``, the others still run, and the exit status is then 1. Ratios, not absolute
-times, are the result: absolute numbers move with the machine's load.
+times, are the result: absolute numbers move with the machine's load, which is why
+``--rounds N`` runs every configuration N times, interleaved, and reports medians.
 """
 
 from __future__ import annotations
