@@ -16,23 +16,22 @@ from mtl_dist.errors import ConfigError
 from tests.conftest import REPO, child_env, make_rows, write_jsonl
 
 
-@pytest.mark.slow
-def test_bench_reports_every_configuration(
-    tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path, monkeypatch
-) -> None:
-    # Offline, and in this process: four interpreter start-ups would cost more than
-    # the steps themselves.
+def run_tiny_bench(
+    monkeypatch, model_dir: Path, data_dir: Path, out: Path, *extra: str
+) -> int:
+    """The benchmark on the tiny model and data, offline and in this process (four
+    interpreter start-ups would cost more than the steps themselves)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    code = bench.main(
+    return bench.main(
         [
             "--data",
-            str(tiny_data_dir),
+            str(data_dir),
             "--tasks",
             "topic,mood",
             "--model",
-            str(tiny_model_dir),
+            str(model_dir),
             "--device",
             "cpu",
             "--batch",
@@ -45,9 +44,17 @@ def test_bench_reports_every_configuration(
             "0.2",
             "--in-process",
             "--out",
-            str(tmp_path),
+            str(out),
+            *extra,
         ]
     )
+
+
+@pytest.mark.slow
+def test_bench_reports_every_configuration(
+    tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    code = run_tiny_bench(monkeypatch, tiny_model_dir, tiny_data_dir, tmp_path)
     assert code == 0
     summary = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["config"]: r for r in summary["rows"]}
@@ -351,35 +358,15 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 def test_rounds_interleave_and_report_medians(
     tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    code = bench.main(
-        [
-            "--data",
-            str(tiny_data_dir),
-            "--tasks",
-            "topic,mood",
-            "--model",
-            str(tiny_model_dir),
-            "--device",
-            "cpu",
-            "--batch",
-            "8",
-            "--warmup",
-            "1",
-            "--steps",
-            "2",
-            "--peak-seconds",
-            "0.1",
-            "--configs",
-            "mtl_dist,hf_default",
-            "--rounds",
-            "3",
-            "--in-process",
-            "--out",
-            str(tmp_path),
-        ]
+    code = run_tiny_bench(
+        monkeypatch,
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path,
+        "--configs",
+        "mtl_dist,hf_default",
+        "--rounds",
+        "3",
     )
     assert code == 0
     summary = json.loads((tmp_path / "bench.json").read_text())
