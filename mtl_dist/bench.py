@@ -555,6 +555,7 @@ def run_mtl_dist(spec: dict[str, Any], work: Path, extra: list[str]) -> Measurem
     notes: dict[str, Any] = {
         "args": extra,
         "compile": engine.compile_reason,
+        "freed_memory_kept": engine.keeps_freed_memory,
         "group_by_length": cfg.data.group_by_length,
         "optimizer": _optimizer_name(getattr(engine, "optimizer", None)),
     }
@@ -1158,7 +1159,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--in-process",
         action="store_true",
         help="run every configuration in this process: faster to start, but peak "
-        "memory is then the running maximum over configurations (tests, smoke runs)",
+        "memory is then the running maximum over configurations, and the allocator "
+        "settings of a run of mtl_dist stay for the configurations after it (tests, "
+        "smoke runs)",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)

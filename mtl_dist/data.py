@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import ctypes
 import hashlib
 import json
 import math
@@ -30,6 +29,7 @@ from datasets.fingerprint import Hasher
 
 from mtl_dist.config import DATA_EXTENSIONS, Config, DataConfig, TaskConfig
 from mtl_dist.errors import ConfigError, hub_offline
+from mtl_dist.host_memory import release_freed_memory
 
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100
@@ -1282,24 +1282,6 @@ def train_sampler(
     return TaskBatchSampler(
         sources, cfg.data.task_sampling, cfg.data.sampling_temperature, *common
     )
-
-
-def release_freed_memory() -> None:
-    """Return the heap memory that freed temporaries left to the C allocator to the
-    system (glibc only; elsewhere nothing happens).
-
-    glibc keeps freed blocks for reuse, and after a large block is freed it serves even
-    multi-megabyte requests from that kept memory: temporaries the size of a whole
-    column (a permutation of every row, a column's values in int64) then stay in the
-    process's resident memory after they are gone, and a process reading a 1 M-row
-    data set held about 20 MiB more than one reading 100 k rows. Well under a
-    millisecond here; called once after loading and once per epoch.
-    """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):  # not glibc
-        return
-    trim(0)
 
 
 def column_array(

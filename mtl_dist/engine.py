@@ -21,6 +21,7 @@ from torch import nn
 from mtl_dist.config import Config
 from mtl_dist.distributed import World
 from mtl_dist.errors import ConfigError
+from mtl_dist.host_memory import keep_freed_memory
 from mtl_dist.model import MultiTaskModel
 
 TORCH_STATE = "torch_state.pt"
@@ -89,6 +90,9 @@ class Engine:
     """ZeRO stage, or -1 without DeepSpeed."""
     compiled: bool = False
     """Whether the encoder runs under ``torch.compile`` in training."""
+    keeps_freed_memory: bool = False
+    """Whether the C allocator keeps freed memory for the next step (CPU, glibc; see
+    :func:`mtl_dist.host_memory.keep_freed_memory`)."""
     compile_reason: str = "off"
     """Why it does or does not, in words (see :func:`compile_decision`)."""
     group_names: list[str]
@@ -557,6 +561,8 @@ def build_engine(
     total_steps: int,
     warmup_steps: int,
 ) -> Engine:
+    # Data is loaded: from here on, large blocks freed in one step serve the next.
+    kept = cfg.reuse_freed_memory and world.device.type == "cpu" and keep_freed_memory()
     compiled, reason = compile_decision(cfg, world.device, total_steps)
     if compiled:
         # In place (nn.Module.compile), so that parameter names, and with them
@@ -579,4 +585,5 @@ def build_engine(
             model, cfg, world, ds_config, total_steps, warmup_steps
         )
     engine.compiled, engine.compile_reason = compiled, reason
+    engine.keeps_freed_memory = kept
     return engine

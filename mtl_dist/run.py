@@ -321,7 +321,8 @@ def log_startup(
     lines = [
         f"world size {world.world_size} | device {world.device} | precision {cfg.precision}"
         f" | torch {torch.__version__} | threads {torch.get_num_threads()}",
-        f"DeepSpeed ZeRO {stage} | torch.compile {engine.compile_reason}",
+        f"DeepSpeed ZeRO {stage} | torch.compile {engine.compile_reason}"
+        + (" | freed memory kept for reuse" if engine.keeps_freed_memory else ""),
         f"model {cfg.model.name_or_path} | pooling {cfg.model.pooling} | parameters "
         f"{total / 1e6:.2f} M ({trainable / 1e6:.2f} M trainable)",
         f"tasks: {tasks}",
