@@ -55,6 +55,35 @@ def param_groups(
     )
 
 
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all gradients together, a 0-dim fp32 tensor (no host sync).
+
+    On the CPU, each fp32 gradient's sum of squares is one BLAS dot product: torch's
+    ``vector_norm`` (what ``clip_grad_norm_`` runs there, tensor by tensor) is slower
+    on large tensors and pays tens of microseconds on each small one; for MiniLM's
+    106 gradients, 2 ms against 6-7 ms a step on 2 cores. On a GPU, one multi-tensor
+    kernel (``_foreach_norm``).
+    """
+    if not grads:
+        return torch.zeros(())
+    if grads[0].device.type == "cpu":
+        squares = [
+            torch.dot(g.reshape(-1), g.reshape(-1))
+            if g.dtype == torch.float32
+            else torch.linalg.vector_norm(g, dtype=torch.float32).square()
+            for g in grads
+        ]
+        return torch.stack(squares).sum().sqrt()
+    norms = torch._foreach_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(norms).float())
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor on every gradient that brings the total ``norm`` down to
+    ``max_norm``, at most 1 (``clip_grad_norm_``'s formula)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
 def lr_lambda(total_steps: int, warmup_steps: int):
     """Linear warmup to the peak, then linear decay to zero at ``total_steps``."""
 
@@ -237,13 +266,28 @@ class TorchEngine(Engine):
 
     def step(self) -> torch.Tensor | None:
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = (
-            self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        )
-        # Returns a tensor: no host sync here; the trainer reads it at logging steps only.
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.scaler.step(self.optimizer)
+        grads = [
+            p.grad
+            for g in self.optimizer.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
+        # A tensor: no host sync here; the trainer reads it at logging steps only.
+        norm = grad_norm(grads)
+        if self.cfg.max_grad_norm > 0:
+            factor = clip_factor(norm, self.cfg.max_grad_norm)
+            if self.scaler.is_enabled():
+                # Under fp16 GradScaler hands the fused optimizer its own grad_scale.
+                torch._foreach_mul_(grads, factor)
+            else:
+                # Fused AdamW divides each gradient by `grad_scale` as it reads it (the
+                # protocol GradScaler uses): the clipped update without a separate
+                # pass that rewrites every gradient, 4 ms a step on 2 CPU cores.
+                self.optimizer.grad_scale = 1.0 / factor
+        try:
+            self.scaler.step(self.optimizer)
+        finally:
+            vars(self.optimizer).pop("grad_scale", None)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -354,15 +398,8 @@ class DeepSpeedEngine(Engine):
         if not self.norm_from_deepspeed:
             # Gradients are already averaged over ranks here (DeepSpeed all-reduces in
             # backward at the boundary), and step() clears them, so measure them now.
-            norm = torch.linalg.vector_norm(
-                torch.stack(
-                    [
-                        torch.linalg.vector_norm(p.grad.float())
-                        for p in self.module.parameters()
-                        if p.grad is not None
-                    ]
-                    or [torch.zeros(())]
-                )
+            norm = grad_norm(
+                [p.grad for p in self.module.parameters() if p.grad is not None]
             )
         self.engine.step()
         if self.norm_from_deepspeed:
