@@ -61,11 +61,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mtl_dist.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mtl_dist.trainer import Trainer
 
 _IMPORTED = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
@@ -510,8 +513,9 @@ class _WindowDone(Exception):
     """Raised after the last timed step, to end a run planned for a whole epoch."""
 
 
-def run_mtl_dist(spec: dict[str, Any], work: Path, extra: list[str]) -> Measurement:
-    """mtl_dist's default, through its own Trainer and engine (train.py's set-up)."""
+def build_mtl_dist(spec: dict[str, Any], work: Path, extra: list[str]) -> Trainer:
+    """mtl_dist's Trainer for the benchmark's data, encoder and batch (train.py's
+    set-up, without evaluation), planning one epoch; ``extra`` are training flags."""
     from transformers import set_seed
 
     from mtl_dist.config import parse_config
@@ -550,8 +554,17 @@ def run_mtl_dist(spec: dict[str, Any], work: Path, extra: list[str]) -> Measurem
         RunRecorder(work / "run", world.is_main, tensorboard=False),
         work / "run",
     )
+    check_one_epoch(
+        "mtl_dist", spec["warmup"] + spec["steps"], trainer.sampler.steps_per_epoch
+    )
+    return trainer
+
+
+def run_mtl_dist(spec: dict[str, Any], work: Path, extra: list[str]) -> Measurement:
+    """mtl_dist's default, through its own Trainer and engine (train.py's set-up)."""
+    trainer = build_mtl_dist(spec, work, extra)
+    engine, world, cfg = trainer.engine, trainer.world, trainer.cfg
     warmup, steps = spec["warmup"], spec["steps"]
-    check_one_epoch("mtl_dist", warmup + steps, trainer.sampler.steps_per_epoch)
     notes: dict[str, Any] = {
         "args": extra,
         "compile": engine.compile_reason,
@@ -560,7 +573,7 @@ def run_mtl_dist(spec: dict[str, Any], work: Path, extra: list[str]) -> Measurem
         "optimizer": _optimizer_name(getattr(engine, "optimizer", None)),
     }
     record_precision(engine.module.encoder, notes)
-    clock = StepClock(warmup, steps, _sync_for(world.device))
+    clock = StepClock(warmup, steps, device_sync(world.device))
     enc = engine.module.encoder.config
     tokens = TokenCounter(
         per_token_params(engine.module), enc.num_hidden_layers, enc.hidden_size
@@ -589,7 +602,7 @@ def _optimizer_name(optimizer: Any) -> str | None:
     return type(optimizer).__name__ + (" (fused)" if fused else "")
 
 
-def _sync_for(device: torch.device) -> Callable[[], None]:
+def device_sync(device: torch.device) -> Callable[[], None]:
     # Steps are timed on the host; on a GPU the queued kernels must have run first.
     if device.type == "cuda":
         return torch.cuda.synchronize
@@ -724,7 +737,7 @@ def run_hf(spec: dict[str, Any], work: Path, grouped: bool) -> Measurement:
     tokens = TokenCounter(
         per_token_params(model), enc.num_hidden_layers, enc.hidden_size
     )
-    clock = StepClock(warmup, steps, _sync_for(device))
+    clock = StepClock(warmup, steps, device_sync(device))
     pad = DataCollatorWithPadding(tokenizer)
     notes: dict[str, Any] = {}
     record_precision(model.encoder, notes)
@@ -827,7 +840,7 @@ def run_naive(spec: dict[str, Any], work: Path) -> Measurement:
     tokens = TokenCounter(
         per_token_params(model), enc.num_hidden_layers, enc.hidden_size
     )
-    clock = StepClock(warmup, steps, _sync_for(device))
+    clock = StepClock(warmup, steps, device_sync(device))
     notes: dict[str, Any] = {"optimizer": "AdamW (torch default)"}
     record_precision(model.encoder, notes)
     batches = iter(loader)

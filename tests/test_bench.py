@@ -393,3 +393,36 @@ def test_rounds_interleave_and_report_medians(
         f"{values[1]:.2f}x ({values[0]:.2f}-{values[2]:.2f})"
         in (tmp_path / "bench.md").read_text()
     )
+
+
+@pytest.mark.slow
+def test_profile_step_puts_every_operator_in_one_category(tmp_path: Path) -> None:
+    """benchmarks/profile_step.py on the tiny encoder and the builtin data: the
+    categories add up to the profiler's total, and the CPU step's optimizer and norm
+    are the fused AdamW and the BLAS dot products the engine is meant to run."""
+    out = tmp_path / "out"
+    proc = run_script(
+        "profile_step.py",
+        "--data",
+        "builtin:uci_sentences",
+        "--tasks",
+        "domain,sentiment",
+        "--encoder",
+        "tiny",
+        "--warmup",
+        "2",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--tag",
+        "tiny",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "tiny.json").read_text())
+    categories = report["categories_ms_per_step"]
+    assert sum(categories.values()) == pytest.approx(report["self_cpu_ms_per_step"])
+    for label in ("matrix products", "optimizer (fused AdamW)", "gradient norm"):
+        assert categories.get(label, 0) > 0, (label, categories)
+    assert report["compile"].startswith("off (auto:")
+    assert "aten::" in (out / "tiny.txt").read_text()
