@@ -654,13 +654,16 @@ def _add_fields(
         if dataclasses.is_dataclass(hints[f.name]) or f.name == "tasks":
             continue
         default = getattr(defaults, f.name)
+        # argparse %-formats help strings: a literal "%" in a docstring (or a default)
+        # would break --help.
+        text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         parser.add_argument(
             f"--{prefix}{f.name}",
             dest=f"{prefix}{f.name}",
             type=_parser_for(hints[f.name]),
             default=argparse.SUPPRESS,
             metavar=_metavar(hints[f.name]),
-            help=f"{docs.get(f.name, '')} (default: {default})",
+            help=text,
         )
 
 
