@@ -9,8 +9,9 @@ so a compiled step is broken down as finely as an eager one.
 Prints, per step: the wall time of each profiled step (mean and median, and the median
 of steps whose padded length was new to the process against those seen before: on the
 CPU the first batch of each length pays for building that shape's kernels), then the
-profiler's self time grouped into categories (matrix products, optimizer, gradient norm,
-compiled kernels, copies, zero fills, data loading, the rest) and the top operators.
+profiler's CPU self time grouped into categories (matrix products, optimizer, gradient
+norm, compiled kernels, copies, zero fills, data loading, the rest; on a GPU, read the
+table's CUDA columns instead) and the top operators.
 ``--out`` also gets ``<tag>.json`` (the categories and step times) and ``<tag>.txt``
 (the operator table).
 
@@ -50,7 +51,7 @@ OTHER = "other (eager element-wise, autograd, Python)"
 
 def category(name: str) -> str:
     for label, patterns in CATEGORIES:
-        if any(name.startswith(p) or p in name for p in patterns):
+        if any(p in name for p in patterns):
             return label
     return OTHER
 

@@ -78,12 +78,6 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
-def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """The factor on every gradient that brings the total ``norm`` down to
-    ``max_norm``, at most 1 (``clip_grad_norm_``'s formula)."""
-    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
-
-
 def lr_lambda(total_steps: int, warmup_steps: int):
     """Linear warmup to the peak, then linear decay to zero at ``total_steps``."""
 
@@ -275,7 +269,8 @@ class TorchEngine(Engine):
         # A tensor: no host sync here; the trainer reads it at logging steps only.
         norm = grad_norm(grads)
         if self.cfg.max_grad_norm > 0:
-            factor = clip_factor(norm, self.cfg.max_grad_norm)
+            # clip_grad_norm_'s factor: brings the total norm down to the limit.
+            factor = (self.cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             if self.scaler.is_enabled():
                 # Under fp16 GradScaler sets the optimizer's grad_scale itself (for
                 # the loss scale), so the clipping goes onto the gradients.
